@@ -1,0 +1,222 @@
+"""FIPO and DAPO clipped policy losses, token-level, pure torch.
+
+Semantics follow the official FIPO code (Henrymachiyu/FIPO, ``compute_policy_loss_future_kl`` in
+``verl/trainer/ppo/core_algos.py``) unless a field of ``FIPOConfig`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from megatron_fipo.algo.future_kl import future_kl
+
+# The official code caps influence weights of negative-advantage tokens with a huge ratio to this range.
+SAFETY_WEIGHT_RANGE = (0.8, 1.0)
+
+
+@dataclass
+class FIPOConfig:
+    """FIPO loss knobs; defaults are the paper's public Qwen2.5-32B recipe (run_fipo_qwen2.5_32b.sh)."""
+
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.28
+    # Dual clip: for A < 0 the surrogate is capped at -A * c; tokens with ratio > c also leave Future-KL.
+    dual_clip_c: float = 10.0
+    # gamma = 2^(-1/decay_rate): a token's influence halves every decay_rate tokens.
+    decay_rate: float = 32.0
+    influence_clip: float = 0.2
+    # True: weights in [1, 1 + clip] (32B recipe); False: [1 - clip, 1 + clip] (paper's 7B runs).
+    influence_clip_high_only: bool = True
+    safety_threshold: float = 10.0
+    logratio_clamp: float = 20.0
+    filter_dual_clip_sequences: bool = True
+    # The paper's Eq. 5 masks only negative-advantage tokens above c out of Future-KL; the official
+    # code masks every token above c. False follows the code.
+    future_kl_mask_negative_only: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("clip_ratio_low", "clip_ratio_high", "influence_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.clip_ratio_low >= 1:
+            raise ValueError(f"clip_ratio_low must be < 1, got {self.clip_ratio_low}")
+        if not self.dual_clip_c > 1 + self.clip_ratio_high:
+            raise ValueError(
+                f"dual_clip_c ({self.dual_clip_c}) must exceed 1 + clip_ratio_high ({1 + self.clip_ratio_high})"
+            )
+        for name in ("decay_rate", "safety_threshold", "logratio_clamp"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    @property
+    def influence_bounds(self) -> tuple[float, float]:
+        low = 1.0 if self.influence_clip_high_only else 1.0 - self.influence_clip
+        return low, 1.0 + self.influence_clip
+
+
+def _token_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    return advantages.float().expand_as(mask)
+
+
+def _clipped_surrogate(
+    weighted_adv: torch.Tensor, ratio: torch.Tensor, clip_low: float, clip_high: float, dual_clip_c: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO surrogate with clip-low/clip-high and dual-clip for negative advantages.
+
+    Returns (per-token loss, ppo-clip-bound mask, dual-clip-bound mask).
+    """
+    unclipped = -weighted_adv * ratio
+    clipped = -weighted_adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    ppo = torch.maximum(unclipped, clipped)
+    dual_cap = -weighted_adv * dual_clip_c
+    negative = weighted_adv < 0
+    dual_bound = negative & (ppo > dual_cap)
+    loss = torch.where(negative, torch.minimum(ppo, dual_cap), ppo)
+    return loss, clipped > unclipped, dual_bound
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _reduce(
+    per_token: torch.Tensor, loss_mask: torch.Tensor, valid: torch.Tensor, num_tokens: float | torch.Tensor | None
+) -> torch.Tensor:
+    # Token-level mean over valid response tokens. The actor passes the mini-batch's token count
+    # (across micro-batches and DP ranks) so the sum over micro-batches is one exact mean, not a
+    # mean of means.
+    denom = valid.sum().clamp(min=1) if num_tokens is None else num_tokens
+    return (per_token * loss_mask).sum() / denom
+
+
+def _quantiles(values: torch.Tensor, qs: tuple[float, ...]) -> list[float]:
+    if values.numel() == 0:
+        return [0.0] * len(qs)
+    return torch.quantile(values.float(), torch.tensor(qs, dtype=torch.float32, device=values.device)).tolist()
+
+
+@torch.no_grad()
+def _ratio_metrics(ratio: torch.Tensor, delta: torch.Tensor, adv: torch.Tensor, valid: torch.Tensor) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for sign, sel in (("pos", valid & (adv > 0)), ("neg", valid & (adv < 0))):
+        r, d = ratio[sel], delta[sel]
+        q = _quantiles(r, (0.25, 0.5, 0.75, 0.995, 0.999))
+        out.update({f"ratio/{sign}_p25": q[0], f"ratio/{sign}_median": q[1], f"ratio/{sign}_p75": q[2],
+                    f"ratio/{sign}_p995": q[3], f"ratio/{sign}_p999": q[4]})
+        out[f"ratio/{sign}_max"] = r.max().item() if r.numel() else 0.0
+        out[f"ratio/{sign}_min"] = r.min().item() if r.numel() else 0.0
+        out[f"delta_logp/{sign}_mean"] = d.mean().item() if d.numel() else 0.0
+        out[f"delta_logp/{sign}_abs_mean"] = d.abs().mean().item() if d.numel() else 0.0
+    out["ppo_kl"] = (-delta[valid]).mean().item() if valid.any() else 0.0
+    return out
+
+
+@dataclass
+class InfluenceWeights:
+    weight: torch.Tensor  # clipped, safety-capped, what multiplies the advantage
+    raw: torch.Tensor  # exp(Future-KL) before any clip
+    future_kl: torch.Tensor
+    excluded: torch.Tensor  # tokens left out of Future-KL (ratio above dual_clip_c)
+    safety_capped: torch.Tensor
+
+
+@torch.no_grad()
+def influence_weights(
+    delta_logp: torch.Tensor, advantages: torch.Tensor, valid: torch.Tensor, cfg: FIPOConfig
+) -> InfluenceWeights:
+    """f_t = clip(exp(FutureKL_t)); no gradient flows through it.
+
+    delta_logp is the clamped log-ratio [B, L]; advantages [B, L]; valid the bool response mask.
+    """
+    excluded = delta_logp > math.log(cfg.dual_clip_c)
+    if cfg.future_kl_mask_negative_only:
+        excluded = excluded & (advantages < 0)
+    fkl = future_kl(delta_logp, valid & ~excluded, cfg.decay_rate)
+    raw = torch.exp(fkl)
+    weight = raw.clamp(*cfg.influence_bounds)
+    capped = (advantages < 0) & (delta_logp > math.log(cfg.safety_threshold))
+    weight = torch.where(capped, weight.clamp(*SAFETY_WEIGHT_RANGE), weight)
+    return InfluenceWeights(weight, raw, fkl, excluded, capped)
+
+
+def _policy_loss(logp, old_logp, advantages, mask, cfg, num_tokens, use_influence):
+    valid = mask.bool()
+    adv = _token_advantages(advantages, mask)
+    delta = torch.clamp(logp.float() - old_logp.float(), -cfg.logratio_clamp, cfg.logratio_clamp)
+    ratio = torch.exp(delta)
+    iw = influence_weights(delta, adv, valid, cfg) if use_influence else None
+    weighted_adv = adv * iw.weight if iw is not None else adv
+
+    per_token, ppo_bound, dual_bound = _clipped_surrogate(
+        weighted_adv, ratio, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.dual_clip_c
+    )
+    loss_mask = valid
+    dropped = torch.zeros(valid.shape[0], dtype=torch.bool, device=valid.device)
+    if use_influence and cfg.filter_dual_clip_sequences:
+        dropped = (dual_bound & valid).sum(dim=1) > 1
+        loss_mask = valid & ~dropped.unsqueeze(1)
+    loss = _reduce(per_token, loss_mask.float(), valid, num_tokens)
+
+    with torch.no_grad():
+        metrics = _ratio_metrics(ratio, delta, adv, valid)
+        metrics["pg_clipfrac"] = _masked_mean(ppo_bound.float(), valid).item()
+        metrics["pg_clipfrac_lower"] = _masked_mean(dual_bound.float(), valid).item()
+        metrics["seqs_filtered"] = float(dropped.sum())
+        metrics["num_tokens"] = float(valid.sum())
+        if iw is not None:
+            metrics.update(_influence_metrics(iw, valid, cfg))
+    return loss, metrics
+
+
+@torch.no_grad()
+def _influence_metrics(iw: InfluenceWeights, valid: torch.Tensor, cfg: FIPOConfig) -> dict[str, float]:
+    low, up = cfg.influence_bounds
+    out = {
+        "influence_weight/clip_frac_upper": _masked_mean((iw.weight >= up - 1e-7).float(), valid).item(),
+        "influence_weight/clip_frac_lower": _masked_mean((iw.weight <= low + 1e-7).float(), valid).item(),
+        "future_kl/excluded_frac": _masked_mean(iw.excluded.float(), valid).item(),
+        "safety_capped_frac": _masked_mean(iw.safety_capped.float(), valid).item(),
+    }
+    for name, values, empty in (("influence_weight", iw.weight, 1.0), ("influence_weight_raw", iw.raw, 1.0),
+                                ("future_kl", iw.future_kl, 0.0)):
+        v = values[valid]
+        stats = (v.mean().item(), v.min().item(), v.max().item()) if v.numel() else (empty,) * 3
+        out.update({f"{name}/mean": stats[0], f"{name}/min": stats[1], f"{name}/max": stats[2]})
+    return out
+
+
+def dapo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: FIPOConfig,
+    num_tokens: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """DAPO / GRPO baseline: dual-clip PPO surrogate with clip-higher, token-level mean."""
+    return _policy_loss(logp, old_logp, advantages, mask, cfg, num_tokens, use_influence=False)
+
+
+def fipo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: FIPOConfig,
+    num_tokens: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """FIPO loss: the DAPO surrogate on advantages re-weighted by clip(exp(Future-KL)).
+
+    logp, old_logp, mask: [B, L]; advantages: [B] or [B, L]. ``num_tokens`` is the token-mean
+    denominator; default is this batch's valid response tokens. With
+    ``filter_dual_clip_sequences``, a sequence with two or more negative-advantage tokens held by
+    the dual-clip bound contributes zero to the numerator but stays in that denominator, so the
+    mean is exact across micro-batches (the official code instead divides each micro-batch by
+    its own surviving tokens).
+    """
+    return _policy_loss(logp, old_logp, advantages, mask, cfg, num_tokens, use_influence=True)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create or update .venv (Python 3.12) from the pinned requirements; a no-op when nothing changed.
+# Usage: scripts/setup_env.sh [extra-requirements-file ...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+find_python() {
+    if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
+    for cand in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3; do
+        if command -v "$cand" >/dev/null 2>&1; then command -v "$cand"; return; fi
+    done
+    echo "no Python 3.12 found: megatron-core >= 0.17 needs it; set PYTHON=/path/to/python3.12" >&2
+    exit 1
+}
+
+if [ ! -x .venv/bin/python ]; then
+    "$(find_python)" -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip
+fi
+reqs=(requirements.txt "$@")
+stamp=".venv/.installed-$(cat "${reqs[@]}" pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+    echo "installing ${reqs[*]} into .venv (first run downloads torch: a few minutes)"
+    args=()
+    for r in "${reqs[@]}"; do args+=(-r "$r"); done
+    .venv/bin/python -m pip install -q "${args[@]}"
+    .venv/bin/python -m pip install -q --no-deps -e .
+    touch "$stamp"
+fi
