@@ -1,0 +1,253 @@
+"""The Megatron-Core policy: logprobs of rollout tokens and PPO mini-batch updates with the FIPO loss."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_fipo.actor.batching import MicroBatch, build_microbatch, gather_response, partition
+from megatron_fipo.actor.logprobs import LogprobContext, logprob_output_processor
+from megatron_fipo.actor.model import (
+    build_model_chunks,
+    build_optimizer,
+    transformer_engine_available,
+    wrap_ddp,
+)
+from megatron_fipo.actor.parallel import init_process_groups, validate_parallel, world_from_env
+from megatron_fipo.algo import dapo_policy_loss, fipo_policy_loss
+from megatron_fipo.config import TrainerSections
+from megatron_fipo.model_arch import ModelArch
+from megatron_fipo.sequences import SequenceBatch
+
+
+@dataclass
+class StepResult:
+    loss: float  # token-mean policy loss over the mini-batch (all DP ranks)
+    grad_norm: float
+    updated: bool  # False when the update was skipped for a non-finite loss or gradient
+    lr: float
+    num_tokens: int
+    entropy: float
+    metrics: dict[str, float]  # loss diagnostics, token-weighted over micro-batches of this rank
+
+
+def _weighted_mean(records: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
+    total = sum(w for w, _ in records)
+    if not records or total == 0:
+        return {}
+    keys = records[0][1].keys()
+    out = {}
+    for key in keys:
+        if key.endswith("_max") or key.endswith("/max"):
+            out[key] = max(m[key] for _, m in records)
+        elif key.endswith("_min") or key.endswith("/min"):
+            out[key] = min(m[key] for _, m in records)
+        elif key in ("seqs_filtered", "num_tokens"):
+            out[key] = sum(m[key] for _, m in records)
+        else:
+            out[key] = sum(w * m[key] for w, m in records) / total
+    return out
+
+
+class MegatronActor:
+    """Owns the model chunks, optimizer and schedule of one rank; every rank calls every method."""
+
+    def __init__(self, sections: TrainerSections, arch: ModelArch):
+        from megatron.core import parallel_state
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self.sections, self.arch = sections, arch
+        par, actor = sections.parallel, sections.actor
+        world = dist.get_world_size() if dist.is_initialized() else world_from_env()[1]
+        self.dp_size = validate_parallel(par, arch, world, transformer_engine_available())
+        init_process_groups(par, actor.seed)
+        self.ps = parallel_state
+        self.chunks = build_model_chunks(arch, actor, par)
+        self.model = wrap_ddp(self.chunks, par)
+        bundle = build_optimizer(self.model, sections.optim, actor, par)
+        self.optimizer, self.scheduler = bundle.optimizer, bundle.scheduler
+        config = self.chunks[0].config
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+        config.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
+        self.forward_backward = get_forward_backward_func()
+        self.use_te = transformer_engine_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.steps = 0  # optimizer steps taken
+        self.skipped_updates = 0
+
+    # ---- layout ---------------------------------------------------------------------------
+    @property
+    def is_last_stage(self) -> bool:
+        return self.ps.is_pipeline_last_stage(ignore_virtual=True)
+
+    def microbatches(self, batch: SequenceBatch) -> list[MicroBatch]:
+        actor, par = self.sections.actor, self.sections.parallel
+        pad = par.tensor_model_parallel_size if par.sequence_parallel else 1
+        return [
+            build_microbatch(batch, idx, actor.pack_sequences, pad_multiple=pad, dense_mask=not self.use_te)
+            for idx in partition(batch, actor.max_tokens_per_microbatch, actor.pack_sequences)
+        ]
+
+    def _context(self, temperature: float) -> LogprobContext:
+        par = self.sections.parallel
+        return LogprobContext(
+            temperature=temperature,
+            chunk_size=self.sections.actor.logprob_chunk_size,
+            tp_group=self.ps.get_tensor_model_parallel_group(),
+            tp_rank=self.ps.get_tensor_model_parallel_rank(),
+            tp_size=par.tensor_model_parallel_size,
+            sequence_parallel=par.sequence_parallel,
+        )
+
+    def _forward(self, mb: MicroBatch, model, ctx: LogprobContext):
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        packed = None
+        if mb.cu_seqlens is not None and self.use_te:
+            cu = mb.cu_seqlens.to(self.device)
+            longest = int((mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).max())
+            packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                     max_seqlen_q=longest, max_seqlen_kv=longest)
+        mask = mb.attention_mask.to(self.device) if mb.attention_mask is not None else None
+        tokens = mb.tokens.to(self.device)
+        position_ids = torch.arange(tokens.shape[1], device=self.device).unsqueeze(0).expand_as(tokens)
+        return model(tokens, position_ids, mask, labels=mb.labels.to(self.device), packed_seq_params=packed,
+                     output_processor=logprob_output_processor, output_processor_context=ctx)
+
+    def _run(self, microbatches: list[MicroBatch], loss_fn, forward_only: bool, temperature: float):
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            ctx = self._context(temperature)
+            return self._forward(mb, model, ctx), partial(loss_fn, mb, ctx)
+
+        n_chunks = len(self.model)
+        iterators = [iter(microbatches) for _ in range(n_chunks)] if n_chunks > 1 else iter(microbatches)
+        longest = max(mb.tokens.shape[1] for mb in microbatches)
+        return self.forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=iterators,
+            model=self.model if n_chunks > 1 else self.model[0],
+            num_microbatches=len(microbatches),
+            seq_length=longest,
+            micro_batch_size=max(mb.tokens.shape[0] for mb in microbatches),
+            forward_only=forward_only,
+        )
+
+    def _broadcast_from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(tensor, src=self.ps.get_pipeline_model_parallel_last_rank(),
+                           group=self.ps.get_pipeline_model_parallel_group())
+        return tensor
+
+    # ---- public API -------------------------------------------------------------------------
+    @torch.no_grad()
+    def compute_logprobs(self, batch: SequenceBatch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logp, entropy), each [B, max_response_len] fp32 on CPU, 0 on padding, on every rank."""
+        for m in self.model:
+            m.eval()
+        logp = torch.zeros(len(batch), batch.max_response_length)
+        entropy = torch.zeros_like(logp)
+
+        def collect(mb, ctx, output_tensor):
+            rows = mb.sample_index
+            width = mb.response_mask.shape[1]
+            logp[rows, :width] = gather_response(output_tensor, mb).float().cpu()
+            entropy[rows, :width] = gather_response(ctx.entropy, mb).float().cpu()
+            zero = torch.zeros((), device=output_tensor.device)
+            return zero, torch.tensor(1, dtype=torch.int), {}
+
+        mbs = self.microbatches(batch)
+        if mbs:
+            self._run(mbs, collect, forward_only=True, temperature=temperature)
+        stacked = self._broadcast_from_last_stage(torch.stack([logp, entropy]).to(self.device)).cpu()
+        return stacked[0], stacked[1]
+
+    def train_step(
+        self,
+        batch: SequenceBatch,
+        old_logp: torch.Tensor,
+        advantages: torch.Tensor,
+        temperature: float = 1.0,
+    ) -> StepResult:
+        """One optimizer step on this rank's share of a PPO mini-batch.
+
+        old_logp [B, Lr]; advantages [B] or [B, Lr]. The loss is a token-level mean over the whole
+        mini-batch: each micro-batch returns its token sum and count, Megatron all-reduces the
+        count over DP and divides the gradient by it.
+        """
+        for m in self.model:
+            m.train()
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        cfg = self.sections.algo
+        loss_impl = fipo_policy_loss if self.sections.actor.loss == "fipo" else dapo_policy_loss
+        records: list[tuple[float, dict[str, float]]] = []
+        sums = torch.zeros(3, dtype=torch.float64)  # loss sum, tokens, entropy sum
+
+        def loss_fn(mb, ctx, output_tensor):
+            rows, mask = mb.sample_index, mb.response_mask.to(output_tensor.device)
+            width = mask.shape[1]
+            logp = gather_response(output_tensor, mb)
+            old = old_logp[rows, :width].to(output_tensor.device)
+            adv = advantages[rows].to(output_tensor.device)
+            adv = adv[:, :width] if adv.dim() == 2 else adv
+            loss_sum, metrics = loss_impl(logp, old, adv, mask, cfg, num_tokens=1.0)
+            n_tok = int(mask.sum().item())
+            ent = (gather_response(ctx.entropy, mb) * mask).sum()
+            sums.add_(torch.tensor([loss_sum.item(), n_tok, ent.item()], dtype=torch.float64))
+            records.append((float(n_tok), metrics))
+            return loss_sum, torch.tensor(n_tok, dtype=torch.int, device=output_tensor.device), {}
+
+        mbs = self.microbatches(batch)
+        self._run(mbs, loss_fn, forward_only=False, temperature=temperature)
+
+        # Loss totals live on the last stage; share them across the pipeline and DP.
+        totals = self._broadcast_from_last_stage(sums.to(self.device))
+        if self.dp_size > 1:
+            dist.all_reduce(totals, group=self.ps.get_data_parallel_group())
+        loss_total, tokens, ent_total = totals.tolist()
+        loss = loss_total / max(tokens, 1)
+
+        updated, grad_norm = self._optimizer_step(finite_loss=math.isfinite(loss))
+        return StepResult(
+            loss=loss,
+            grad_norm=grad_norm,
+            updated=updated,
+            lr=self.optimizer.param_groups[0]["lr"],
+            num_tokens=int(tokens),
+            entropy=ent_total / max(tokens, 1),
+            metrics=_weighted_mean(records),
+        )
+
+    def _optimizer_step(self, finite_loss: bool) -> tuple[bool, float]:
+        """Clip and step, or skip the update when the loss or gradient norm is not finite."""
+        self.optimizer.prepare_grads()
+        clip = self.sections.optim.clip_grad
+        grad_norm = self.optimizer.clip_grad_norm(clip) if clip > 0 else self.optimizer.get_grad_norm()
+        grad_norm = float(grad_norm)
+        if not (finite_loss and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad()
+            self.skipped_updates += 1
+            return False, grad_norm
+        self.optimizer.step_with_ready_grads()
+        self.scheduler.step(increment=1)
+        self.steps += 1
+        return True, grad_norm
+
+    def named_parameters_local(self):
+        """(name, param) of this rank's model chunks, names as in Megatron's GPTModel."""
+        for vp, chunk in enumerate(self.chunks):
+            for name, param in chunk.named_parameters():
+                yield vp, name, param
+
+
+def build_actor(sections: TrainerSections, arch: Optional[ModelArch] = None) -> MegatronActor:
+    arch = arch or ModelArch.from_hf_config(sections.actor.model_config)
+    return MegatronActor(sections, arch)

@@ -1,0 +1,152 @@
+"""Parameter mapping between Megatron-Core GPTModel and Hugging Face Qwen2 / Llama checkpoints.
+
+Pure tensor logic, no process groups: how one Megatron parameter corresponds to one or more HF
+tensors, how a full HF tensor is cut into a tensor-parallel shard, and how the shards of all TP
+ranks are joined back.
+
+Megatron fuses q/k/v into ``linear_qkv`` interleaved by query group: for each KV group, its
+``heads / groups`` query heads, then its key head, then its value head. ``linear_fc1`` holds
+[gate; up], and under TP every rank holds [gate shard; up shard].
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from megatron_fipo.model_arch import ModelArch
+
+Kind = Literal["replicated", "column", "row", "qkv", "gate_up"]
+
+# Megatron suffix within decoder.layers.{i}. -> (HF suffixes within model.layers.{i}., kind).
+# Both the local spec and the Transformer Engine spec (which fuses the norms into the linears).
+_LAYER = {
+    "input_layernorm.weight": (("input_layernorm.weight",), "replicated"),
+    "self_attention.linear_qkv.layer_norm_weight": (("input_layernorm.weight",), "replicated"),
+    "self_attention.linear_qkv.weight": (("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv"),
+    "self_attention.linear_qkv.bias": (("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "qkv"),
+    "self_attention.linear_proj.weight": (("self_attn.o_proj.weight",), "row"),
+    "pre_mlp_layernorm.weight": (("post_attention_layernorm.weight",), "replicated"),
+    "mlp.linear_fc1.layer_norm_weight": (("post_attention_layernorm.weight",), "replicated"),
+    "mlp.linear_fc1.weight": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up"),
+    "mlp.linear_fc2.weight": (("mlp.down_proj.weight",), "row"),
+}
+_TOP = {
+    "embedding.word_embeddings.weight": (("model.embed_tokens.weight",), "column"),
+    "decoder.final_layernorm.weight": (("model.norm.weight",), "replicated"),
+    "output_layer.weight": (("lm_head.weight",), "column"),
+}
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class ParamMapping:
+    megatron_name: str  # as in this rank's GPTModel (local layer index)
+    hf_names: tuple[str, ...]  # global layer index
+    kind: Kind
+
+
+def map_param(megatron_name: str, layer_offset: int, arch: ModelArch) -> ParamMapping:
+    """The HF tensors behind one Megatron parameter; layer_offset is this stage's first global layer."""
+    match = _LAYER_RE.match(megatron_name)
+    if match:
+        local, suffix = int(match.group(1)), match.group(2)
+        if suffix not in _LAYER:
+            raise KeyError(f"no HF mapping for Megatron parameter {megatron_name!r}")
+        hf_suffixes, kind = _LAYER[suffix]
+        prefix = f"model.layers.{local + layer_offset}."
+        return ParamMapping(megatron_name, tuple(prefix + s for s in hf_suffixes), kind)
+    if megatron_name not in _TOP:
+        raise KeyError(f"no HF mapping for Megatron parameter {megatron_name!r}")
+    hf_names, kind = _TOP[megatron_name]
+    if megatron_name == "output_layer.weight" and arch.tie_word_embeddings:
+        hf_names = ("model.embed_tokens.weight",)  # a copy of the embedding on the last stage
+    return ParamMapping(megatron_name, hf_names, kind)
+
+
+def hf_names(arch: ModelArch) -> list[str]:
+    """Every tensor name of the HF checkpoint, in checkpoint order."""
+    names = ["model.embed_tokens.weight"]
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        names += [p + "input_layernorm.weight", p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
+                  p + "self_attn.v_proj.weight"]
+        if arch.qkv_bias:
+            names += [p + "self_attn.q_proj.bias", p + "self_attn.k_proj.bias", p + "self_attn.v_proj.bias"]
+        names += [p + "self_attn.o_proj.weight", p + "post_attention_layernorm.weight", p + "mlp.gate_proj.weight",
+                  p + "mlp.up_proj.weight", p + "mlp.down_proj.weight"]
+    names.append("model.norm.weight")
+    if not arch.tie_word_embeddings:
+        names.append("lm_head.weight")
+    return names
+
+
+def hf_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
+    h, d, ffn = arch.hidden_size, arch.head_dim, arch.ffn_hidden_size
+    q, kv = arch.num_attention_heads * d, arch.num_kv_heads * d
+    by_suffix = {
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
+        "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
+        "self_attn.o_proj.weight": (h, q), "mlp.gate_proj.weight": (ffn, h), "mlp.up_proj.weight": (ffn, h),
+        "mlp.down_proj.weight": (h, ffn),
+    }
+    out = {}
+    for name in hf_names(arch):
+        if name.startswith("model.layers."):
+            out[name] = by_suffix[name.split(".", 3)[3]]
+        elif name == "model.norm.weight":
+            out[name] = (h,)
+        else:
+            out[name] = (arch.vocab_size, h)
+    return out
+
+
+def _qkv_groups(arch: ModelArch) -> tuple[int, int]:
+    return arch.num_kv_heads, arch.num_attention_heads // arch.num_kv_heads
+
+
+def to_megatron_shard(mapping: ParamMapping, hf: list[torch.Tensor], arch: ModelArch, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """Full HF tensor(s) -> this TP rank's Megatron parameter value."""
+    kind = mapping.kind
+    if kind == "replicated":
+        return hf[0]
+    if kind == "column":
+        return hf[0].chunk(tp_size, dim=0)[tp_rank]
+    if kind == "row":
+        return hf[0].chunk(tp_size, dim=1)[tp_rank]
+    if kind == "gate_up":
+        gate, up = hf
+        return torch.cat([gate.chunk(tp_size, dim=0)[tp_rank], up.chunk(tp_size, dim=0)[tp_rank]], dim=0)
+    groups, q_per = _qkv_groups(arch)
+    q, k, v = hf
+    trailing = q.shape[1:]
+    fused = torch.cat([
+        q.reshape(groups, q_per * arch.head_dim, *trailing),
+        k.reshape(groups, arch.head_dim, *trailing),
+        v.reshape(groups, arch.head_dim, *trailing),
+    ], dim=1)
+    return fused.chunk(tp_size, dim=0)[tp_rank].reshape(-1, *trailing)
+
+
+def from_megatron_shards(mapping: ParamMapping, shards: list[torch.Tensor], arch: ModelArch) -> list[torch.Tensor]:
+    """The Megatron parameter's shards of all TP ranks (in rank order) -> full HF tensor(s)."""
+    kind = mapping.kind
+    if kind == "replicated":
+        return [shards[0]]
+    if kind == "column":
+        return [torch.cat(shards, dim=0)]
+    if kind == "row":
+        return [torch.cat(shards, dim=1)]
+    if kind == "gate_up":
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return [torch.cat([g for g, _ in halves], dim=0), torch.cat([u for _, u in halves], dim=0)]
+    groups, q_per = _qkv_groups(arch)
+    trailing = shards[0].shape[1:]
+    fused = torch.cat([s.reshape(-1, (q_per + 2) * arch.head_dim, *trailing) for s in shards], dim=0)
+    q, k, v = fused.split([q_per * arch.head_dim, arch.head_dim, arch.head_dim], dim=1)
+    return [q.reshape(groups * q_per * arch.head_dim, *trailing), k.reshape(groups * arch.head_dim, *trailing),
+            v.reshape(groups * arch.head_dim, *trailing)]
