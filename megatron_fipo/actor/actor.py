@@ -182,6 +182,25 @@ class MegatronActor:
         mini-batch: each micro-batch returns its token sum and count, Megatron all-reduces the
         count over DP and divides the gradient by it.
         """
+        loss, tokens, entropy, metrics = self.compute_gradients(batch, old_logp, advantages, temperature)
+        updated, grad_norm = self._optimizer_step(finite_loss=math.isfinite(loss))
+        return StepResult(
+            loss=loss,
+            grad_norm=grad_norm,
+            updated=updated,
+            lr=self.optimizer.param_groups[0]["lr"],
+            num_tokens=tokens,
+            entropy=entropy,
+            metrics=metrics,
+        )
+
+    def compute_gradients(
+        self, batch: SequenceBatch, old_logp: torch.Tensor, advantages: torch.Tensor, temperature: float = 1.0
+    ) -> tuple[float, int, float, dict[str, float]]:
+        """Forward/backward over all micro-batches into the DDP grad buffers (main_grad).
+
+        Returns (token-mean loss, tokens, mean entropy, loss metrics) over all DP ranks.
+        """
         for m in self.model:
             m.train()
             m.zero_grad_buffer()
@@ -205,26 +224,14 @@ class MegatronActor:
             records.append((float(n_tok), metrics))
             return loss_sum, torch.tensor(n_tok, dtype=torch.int, device=output_tensor.device), {}
 
-        mbs = self.microbatches(batch)
-        self._run(mbs, loss_fn, forward_only=False, temperature=temperature)
+        self._run(self.microbatches(batch), loss_fn, forward_only=False, temperature=temperature)
 
         # Loss totals live on the last stage; share them across the pipeline and DP.
         totals = self._broadcast_from_last_stage(sums.to(self.device))
         if self.dp_size > 1:
             dist.all_reduce(totals, group=self.ps.get_data_parallel_group())
         loss_total, tokens, ent_total = totals.tolist()
-        loss = loss_total / max(tokens, 1)
-
-        updated, grad_norm = self._optimizer_step(finite_loss=math.isfinite(loss))
-        return StepResult(
-            loss=loss,
-            grad_norm=grad_norm,
-            updated=updated,
-            lr=self.optimizer.param_groups[0]["lr"],
-            num_tokens=int(tokens),
-            entropy=ent_total / max(tokens, 1),
-            metrics=_weighted_mean(records),
-        )
+        return loss_total / max(tokens, 1), int(tokens), ent_total / max(tokens, 1), _weighted_mean(records)
 
     def _optimizer_step(self, finite_loss: bool) -> tuple[bool, float]:
         """Clip and step, or skip the update when the loss or gradient norm is not finite."""

@@ -33,10 +33,17 @@ _MODULES = {
     "megatron.core.optimizer.optimizer_config": "torch.cuda.is_available() checks pick apex/TE paths",
     "megatron.core.dist_checkpointing.strategies.torch": "torch.cuda.current_device() when (de)serializing shards",
     "megatron.core.dist_checkpointing.exchange_utils": "shard exchange buffers on torch.cuda.current_device()",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "preload_tensors calls torch.cuda.synchronize()",
+    "megatron.core.dist_checkpointing.strategies.async_utils": "sync save calls torch.cuda.synchronize()",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "save finalize reduces a flag on current_device()",
 }
 
-# Functions that assert tensor.type() == 'torch.cuda.<dtype>Tensor'; CPU tensors answer 'torch.<dtype>Tensor'.
-_CUDA_TYPE_CHECKS = {
+# Functions that call CUDA through tensor methods: tensor.type() == 'torch.cuda.<dtype>Tensor' checks
+# (CPU tensors answer 'torch.<dtype>Tensor') and tensor.cuda() moves. These run with CPU-friendly
+# Tensor.type / Tensor.cuda for the duration of the call only.
+_TENSOR_METHOD_CALLS = {
+    # Tied embeddings across pipeline stages: weight.data.cuda() before the first all-reduce.
+    "megatron.core.models.common.language_module.language_module": ("LanguageModule.setup_embeddings_and_output_layer",),
     "megatron.core.optimizer.distrib_optimizer": ("DistributedOptimizer._build_model_and_main_param_groups",),
     # optimizer.py calls clip_grad_by_total_norm_fp32 through its own imported name.
     "megatron.core.optimizer.optimizer": ("Float16OptimizerWithFloat16Params.__init__", "clip_grad_by_total_norm_fp32"),
@@ -112,22 +119,25 @@ def _make_cpu_torch() -> types.ModuleType:
 
 
 @contextlib.contextmanager
-def _cpu_tensors_report_cuda_type():
-    original = torch.Tensor.type
+def _cpu_tensor_methods():
+    original_type, original_cuda = torch.Tensor.type, torch.Tensor.cuda
 
-    def patched(self, dtype=None, non_blocking=False, **kwargs):
+    def cpu_type(self, dtype=None, non_blocking=False, **kwargs):
         if dtype is None and self.device.type == "cpu":
-            return original(self).replace("torch.", "torch.cuda.", 1)
-        return original(self, dtype, non_blocking, **kwargs)
+            return original_type(self).replace("torch.", "torch.cuda.", 1)
+        return original_type(self, dtype, non_blocking, **kwargs)
 
-    torch.Tensor.type = patched
+    def cpu_cuda(self, *args, **kwargs):
+        return self
+
+    torch.Tensor.type, torch.Tensor.cuda = cpu_type, cpu_cuda
     try:
         yield
     finally:
-        torch.Tensor.type = original
+        torch.Tensor.type, torch.Tensor.cuda = original_type, original_cuda
 
 
-def _wrap_type_check(owner, attr: str) -> None:
+def _wrap_tensor_method_calls(owner, attr: str) -> None:
     raw = inspect.getattr_static(owner, attr)
     fn = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
     if getattr(fn, "_cpu_shim", False):
@@ -135,7 +145,7 @@ def _wrap_type_check(owner, attr: str) -> None:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with _cpu_tensors_report_cuda_type():
+        with _cpu_tensor_methods():
             return fn(*args, **kwargs)
 
     wrapper._cpu_shim = True  # type: ignore[attr-defined]
@@ -168,11 +178,11 @@ def apply_cpu_shim() -> bool:
     random = importlib.import_module("megatron.core.tensor_parallel.random")
     random._get_cuda_rng_state = _cpu_get_rng_state
     random._set_cuda_rng_state = _cpu_set_rng_state
-    for name, qualnames in _CUDA_TYPE_CHECKS.items():
+    for name, qualnames in _TENSOR_METHOD_CALLS.items():
         module = importlib.import_module(name)
         for qualname in qualnames:
             *path, attr = qualname.split(".")
             owner = functools.reduce(getattr, path, module)
-            _wrap_type_check(owner, attr)
+            _wrap_tensor_method_calls(owner, attr)
     _applied = True
     return True

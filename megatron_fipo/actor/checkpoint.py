@@ -1,0 +1,189 @@
+"""Actor checkpoints with megatron.core.dist_checkpointing: atomic, keep-last-N, DP-reshardable.
+
+Layout under ``root``: ``step_00000012/`` (one dist checkpoint per saved step) and ``latest``
+(the newest complete step). A save goes to a hidden temp dir that is renamed only after every rank
+finished writing, so a crash mid-save never leaves a checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+LATEST = "latest"
+
+
+def _step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:08d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def latest_step(root: str | Path) -> Optional[int]:
+    path = Path(root) / LATEST
+    if not path.is_file():
+        return None
+    step = int(path.read_text().strip())
+    return step if _step_dir(Path(root), step).is_dir() else None
+
+
+def _rng_state() -> torch.Tensor:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    states = [torch.get_rng_state()]
+    if torch.cuda.is_available():
+        states.append(torch.cuda.get_rng_state())
+    states += [s for _, s in sorted(get_cuda_rng_tracker().get_states().items())]
+    return torch.cat([s.view(-1).to(torch.uint8).cpu() for s in states])
+
+
+def _set_rng_state(flat: torch.Tensor) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    tracker = get_cuda_rng_tracker()
+    names = sorted(tracker.get_states())
+    sizes = [torch.get_rng_state().numel()]
+    if torch.cuda.is_available():
+        sizes.append(torch.cuda.get_rng_state().numel())
+    sizes += [tracker.get_states()[n].numel() for n in names]
+    parts = list(flat.split(sizes))
+    torch.set_rng_state(parts.pop(0))
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state(parts.pop(0))
+    tracker.set_states({n: p.clone() for n, p in zip(names, parts)})
+
+
+def _sharded_state(actor, is_loading: bool) -> dict:
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    ps = actor.ps
+    model = {}
+    for i, chunk in enumerate(actor.chunks):
+        model[f"model{i}"] = chunk.sharded_state_dict(prefix="")
+    combined = {k: v for sd in model.values() for k, v in sd.items()}
+    state = dict(model)
+    # dp_reshardable: every rank writes its own optimizer shard in parallel, and a resume may use
+    # a different DP size (TP/PP must match: convert through HF weights to change those).
+    state["optimizer"] = actor.optimizer.sharded_state_dict(
+        combined, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
+    )
+    pp, tp = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
+    rng = _rng_state()
+    # One RNG state per (PP, TP) position; DP replicas share it, so a different DP size resumes.
+    state["rng"] = ShardedTensor.from_rank_offsets(
+        "rng_state", rng.unsqueeze(0).unsqueeze(0),
+        (0, pp, ps.get_pipeline_model_parallel_world_size()),
+        (1, tp, ps.get_tensor_model_parallel_world_size()),
+        replica_id=ps.get_data_parallel_rank(),
+    )
+    return state
+
+
+def save_checkpoint(actor, root: str | Path, step: int, extra: dict[str, Any], keep_last: int = 2) -> Path:
+    """Save model, optimizer, scheduler, RNG, step and ``extra`` (data position, ...) atomically.
+
+    ``extra`` must hold only plain values and tensors: it is loaded with torch.load(weights_only=True).
+    """
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = _step_dir(root, step)
+    tmp = root / f".tmp_step_{step:08d}"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    state = _sharded_state(actor, is_loading=False)
+    state["common"] = {
+        "step": step,
+        "optimizer_steps": actor.steps,
+        "skipped_updates": actor.skipped_updates,
+        "scheduler": actor.scheduler.state_dict(),
+        "extra": extra,
+    }
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if _rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        pointer = root / f".{LATEST}.tmp"
+        pointer.write_text(f"{step}\n")
+        os.replace(pointer, root / LATEST)
+        steps = sorted(int(p.name.split("_")[1]) for p in root.glob("step_*") if p.is_dir())
+        for old in steps[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(_step_dir(root, old), ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _init_empty_adam_state(optimizer) -> None:
+    """Give a never-stepped torch Adam its state, as the loader expects.
+
+    Without Apex/TE (CPU), the distributed optimizer's state_dict() reads every parameter's Adam
+    "step", which a fresh optimizer lacks and Megatron's init_state_fn does not create.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        if not isinstance(inner, torch.optim.Adam):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Put the restored step count where torch Adam reads it.
+
+    Without Apex/TE, Megatron's loader leaves the step in param_groups[i]["step"], while torch
+    Adam's bias correction reads state[p]["step"]; left alone, a resumed run restarts the bias
+    correction at step 0 and drifts from the uninterrupted one.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        if not isinstance(inner, torch.optim.Adam):
+            continue
+        for group in inner.param_groups:
+            if "step" in group:
+                step = float(group.pop("step"))
+                for p in group["params"]:
+                    inner.state[p]["step"] = torch.tensor(step, dtype=torch.float32)
+
+
+@torch.no_grad()
+def load_checkpoint(actor, root: str | Path) -> Optional[dict[str, Any]]:
+    """Restore the newest complete checkpoint under ``root``; returns its common state, or None."""
+    from megatron.core import dist_checkpointing
+
+    step = latest_step(root)
+    if step is None:
+        return None
+    _init_empty_adam_state(actor.optimizer)
+    template = _sharded_state(actor, is_loading=True)
+    loaded = dist_checkpointing.load(template, str(_step_dir(Path(root), step)))
+    for i, chunk in enumerate(actor.chunks):
+        chunk.load_state_dict(loaded[f"model{i}"])
+    actor.optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(actor.optimizer)
+    _set_rng_state(loaded["rng"].view(-1))
+    common = loaded["common"]
+    actor.scheduler.load_state_dict(common["scheduler"])
+    actor.steps = common["optimizer_steps"]
+    actor.skipped_updates = common["skipped_updates"]
+    return common
