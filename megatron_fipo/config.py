@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from megatron_fipo.algo import FIPOConfig
+from megatron_fipo.algo.fipo_config import FIPOConfig
 from megatron_fipo.config_base import ConfigError
 
 
@@ -91,3 +91,112 @@ class TrainerSections:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     algo: FIPOConfig = field(default_factory=FIPOConfig)
+
+
+@dataclass
+class DataConfig:
+    task: Literal["arithmetic", "dapo_math"] = "dapo_math"
+    train_path: str = ""  # DAPO-Math-17k parquet/jsonl (task dapo_math)
+    eval_path: str = ""  # AIME24/25 jsonl (task dapo_math)
+    on_bad_row: Literal["skip", "fail"] = "skip"
+    tokenizer: Literal["sentencepiece", "hf"] = "hf"
+    tokenizer_path: str = ""  # HF tokenizer dir; for sentencepiece, empty = train one on the task
+    tokenizer_vocab_size: int = 48  # sentencepiece training only
+    max_prompt_length: int = 2048
+    # Synthetic arithmetic task (the tiny CPU job).
+    arithmetic_max_operand: int = 30
+    eval_size: int = 64
+    # False: the eval problems are held out of training. True: a fixed sample of the training
+    # problems (the tiny job measures how much RL improves the policy, not generalization).
+    arithmetic_eval_from_train: bool = False
+
+    def __post_init__(self) -> None:
+        if self.task == "dapo_math" and self.tokenizer == "sentencepiece" and not self.tokenizer_path:
+            raise ConfigError("data.tokenizer_path: task dapo_math needs a tokenizer; sentencepiece is trained only for arithmetic")
+
+
+@dataclass
+class SGLangConfig:
+    host: str = "127.0.0.1"  # loopback unless a cluster placement needs otherwise
+    base_port: int = 30000
+    num_servers: int = 1
+    tp_size: int = 1
+    mem_fraction_static: float = 0.8
+    api_key: str = ""
+    extra_args: list[str] = field(default_factory=list)
+    max_concurrency: int = 256
+    request_timeout_s: float = 3600.0
+    startup_timeout_s: float = 600.0
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["embedded", "sglang"] = "embedded"
+    placement: Literal["colocated", "disaggregated"] = "colocated"
+    n_samples: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_response_length: int = 20480
+    max_batch: int = 256  # embedded engine: sequences decoded together
+    bridge_bucket_mb: int = 512
+    eval_n_samples: int = 32
+    eval_temperature: float = 1.0
+    eval_top_p: float = 0.7
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 2:
+            raise ConfigError("rollout.n_samples must be >= 2: group-normalized advantages need a group")
+
+
+@dataclass
+class RewardConfig:
+    answer_format: Literal["dapo", "boxed", "plain"] = "dapo"
+    correct_score: float = 1.0
+    wrong_score: float = -1.0
+    timeout_seconds: float = 5.0
+    overlong_buffer_length: int = 4096
+    overlong_penalty_factor: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 100
+    prompts_per_step: int = 512  # prompt groups per RL step, after dynamic sampling
+    minibatch_prompts: int = 64  # PPO mini-batch: optimizer steps per RL step = prompts_per_step / this
+    ppo_epochs: int = 1
+    dynamic_sampling: bool = True
+    gen_prompts_per_batch: int = 2048  # prompts sampled per generation batch
+    max_gen_batches: int = 10  # dynamic-sampling refills before training on what there is
+    norm_adv_by_std: bool = True
+    eval_every: int = 5
+    eval_before_train: bool = True
+    save_every: int = 5
+    keep_last_checkpoints: int = 2
+    max_consecutive_bad_steps: int = 3  # non-finite loss/grad steps in a row before stopping
+    # Supervised warm start (tiny job): optimizer steps on reference answers before RL.
+    warmup_sft_steps: int = 0
+    warmup_sft_lr: float = 1e-3
+    warmup_sft_batch: int = 64
+    seed: int = 1234
+    tensorboard: bool = True
+    wandb_project: str = ""
+
+    def __post_init__(self) -> None:
+        if self.prompts_per_step % self.minibatch_prompts:
+            raise ConfigError(
+                f"trainer.minibatch_prompts ({self.minibatch_prompts}) must divide trainer.prompts_per_step "
+                f"({self.prompts_per_step})"
+            )
+        if self.gen_prompts_per_batch < 1 or self.max_gen_batches < 1:
+            raise ConfigError("trainer.gen_prompts_per_batch and trainer.max_gen_batches must be >= 1")
+
+
+@dataclass
+class RunConfig(TrainerSections):
+    run_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -18,9 +18,11 @@ from megatron_fipo.actor.model import (
     transformer_engine_available,
     wrap_ddp,
 )
-from megatron_fipo.actor.parallel import init_process_groups, validate_parallel, world_from_env
+from megatron_fipo.actor.parallel import init_process_groups, world_from_env
 from megatron_fipo.algo import dapo_policy_loss, fipo_policy_loss
 from megatron_fipo.config import TrainerSections
+from megatron_fipo.validation import validate_parallel
+from megatron_fipo.metrics import merge_metrics
 from megatron_fipo.model_arch import ModelArch
 from megatron_fipo.sequences import SequenceBatch
 
@@ -36,36 +38,19 @@ class StepResult:
     metrics: dict[str, float]  # loss diagnostics, token-weighted over micro-batches of this rank
 
 
-def _weighted_mean(records: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
-    total = sum(w for w, _ in records)
-    if not records or total == 0:
-        return {}
-    keys = records[0][1].keys()
-    out = {}
-    for key in keys:
-        if key.endswith("_max") or key.endswith("/max"):
-            out[key] = max(m[key] for _, m in records)
-        elif key.endswith("_min") or key.endswith("/min"):
-            out[key] = min(m[key] for _, m in records)
-        elif key in ("seqs_filtered", "num_tokens"):
-            out[key] = sum(m[key] for _, m in records)
-        else:
-            out[key] = sum(w * m[key] for w, m in records) / total
-    return out
-
-
 class MegatronActor:
     """Owns the model chunks, optimizer and schedule of one rank; every rank calls every method."""
 
     def __init__(self, sections: TrainerSections, arch: ModelArch):
-        from megatron.core import parallel_state
-        from megatron.core.distributed import finalize_model_grads
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         self.sections, self.arch = sections, arch
         par, actor = sections.parallel, sections.actor
         world = dist.get_world_size() if dist.is_initialized() else world_from_env()[1]
+        # Before any model is built (or Megatron imported): a bad layout fails in milliseconds.
         self.dp_size = validate_parallel(par, arch, world, transformer_engine_available())
+
+        from megatron.core import parallel_state
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.pipeline_parallel import get_forward_backward_func
         init_process_groups(par, actor.seed)
         self.ps = parallel_state
         self.chunks = build_model_chunks(arch, actor, par)
@@ -197,27 +182,45 @@ class MegatronActor:
     def compute_gradients(
         self, batch: SequenceBatch, old_logp: torch.Tensor, advantages: torch.Tensor, temperature: float = 1.0
     ) -> tuple[float, int, float, dict[str, float]]:
-        """Forward/backward over all micro-batches into the DDP grad buffers (main_grad).
+        """Policy-loss forward/backward over all micro-batches into the DDP grad buffers (main_grad).
 
         Returns (token-mean loss, tokens, mean entropy, loss metrics) over all DP ranks.
         """
+        cfg = self.sections.algo
+        loss_impl = fipo_policy_loss if self.sections.actor.loss == "fipo" else dapo_policy_loss
+
+        def policy_loss(mb, logp, mask):
+            rows, width = mb.sample_index, mask.shape[1]
+            adv = advantages[rows].to(logp.device)
+            adv = adv[:, :width] if adv.dim() == 2 else adv
+            return loss_impl(logp, old_logp[rows, :width].to(logp.device), adv, mask, cfg, num_tokens=1.0)
+
+        return self._accumulate_gradients(batch, policy_loss, temperature)
+
+    def sft_step(self, batch: SequenceBatch, advance_schedule: bool = True) -> StepResult:
+        """Supervised step: token-mean negative log-likelihood of the responses (warm start).
+
+        With advance_schedule=False the LR scheduler does not count the step, so a warm start at
+        its own learning rate leaves the RL schedule where it was.
+        """
+        loss, tokens, entropy, _ = self._accumulate_gradients(
+            batch, lambda mb, logp, mask: (-(logp * mask).sum(), {}), temperature=1.0
+        )
+        updated, grad_norm = self._optimizer_step(finite_loss=math.isfinite(loss), advance_schedule=advance_schedule)
+        return StepResult(loss, grad_norm, updated, self.optimizer.param_groups[0]["lr"], tokens, entropy, {})
+
+    def _accumulate_gradients(self, batch: SequenceBatch, per_microbatch_loss, temperature: float):
+        """Run forward/backward; ``per_microbatch_loss(mb, logp, mask)`` -> (token-sum loss, metrics)."""
         for m in self.model:
             m.train()
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        cfg = self.sections.algo
-        loss_impl = fipo_policy_loss if self.sections.actor.loss == "fipo" else dapo_policy_loss
         records: list[tuple[float, dict[str, float]]] = []
         sums = torch.zeros(3, dtype=torch.float64)  # loss sum, tokens, entropy sum
 
         def loss_fn(mb, ctx, output_tensor):
-            rows, mask = mb.sample_index, mb.response_mask.to(output_tensor.device)
-            width = mask.shape[1]
-            logp = gather_response(output_tensor, mb)
-            old = old_logp[rows, :width].to(output_tensor.device)
-            adv = advantages[rows].to(output_tensor.device)
-            adv = adv[:, :width] if adv.dim() == 2 else adv
-            loss_sum, metrics = loss_impl(logp, old, adv, mask, cfg, num_tokens=1.0)
+            mask = mb.response_mask.to(output_tensor.device)
+            loss_sum, metrics = per_microbatch_loss(mb, gather_response(output_tensor, mb), mask)
             n_tok = int(mask.sum().item())
             ent = (gather_response(ctx.entropy, mb) * mask).sum()
             sums.add_(torch.tensor([loss_sum.item(), n_tok, ent.item()], dtype=torch.float64))
@@ -231,9 +234,9 @@ class MegatronActor:
         if self.dp_size > 1:
             dist.all_reduce(totals, group=self.ps.get_data_parallel_group())
         loss_total, tokens, ent_total = totals.tolist()
-        return loss_total / max(tokens, 1), int(tokens), ent_total / max(tokens, 1), _weighted_mean(records)
+        return loss_total / max(tokens, 1), int(tokens), ent_total / max(tokens, 1), merge_metrics(records)
 
-    def _optimizer_step(self, finite_loss: bool) -> tuple[bool, float]:
+    def _optimizer_step(self, finite_loss: bool, advance_schedule: bool = True) -> tuple[bool, float]:
         """Clip and step, or skip the update when the loss or gradient norm is not finite."""
         self.optimizer.prepare_grads()
         clip = self.sections.optim.clip_grad
@@ -244,8 +247,9 @@ class MegatronActor:
             self.skipped_updates += 1
             return False, grad_norm
         self.optimizer.step_with_ready_grads()
-        self.scheduler.step(increment=1)
-        self.steps += 1
+        if advance_schedule:
+            self.scheduler.step(increment=1)
+            self.steps += 1
         return True, grad_norm
 
     def named_parameters_local(self):

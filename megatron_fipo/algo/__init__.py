@@ -1,16 +1,24 @@
-"""Pure tensor math of FIPO and its DAPO scaffold. Imports only torch."""
+"""Pure tensor math of FIPO and its DAPO scaffold. Imports only torch (lazily: configs load without it)."""
 
-from megatron_fipo.algo.advantages import dynamic_sampling_mask, group_advantages, overlong_penalty
-from megatron_fipo.algo.future_kl import future_kl, future_kl_reference
-from megatron_fipo.algo.policy_loss import FIPOConfig, dapo_policy_loss, fipo_policy_loss
+from megatron_fipo.algo.fipo_config import FIPOConfig
 
-__all__ = [
-    "FIPOConfig",
-    "dapo_policy_loss",
-    "dynamic_sampling_mask",
-    "fipo_policy_loss",
-    "future_kl",
-    "future_kl_reference",
-    "group_advantages",
-    "overlong_penalty",
-]
+_LAZY = {
+    "dapo_policy_loss": "policy_loss",
+    "fipo_policy_loss": "policy_loss",
+    "influence_weights": "policy_loss",
+    "future_kl": "future_kl",
+    "future_kl_reference": "future_kl",
+    "group_advantages": "advantages",
+    "dynamic_sampling_mask": "advantages",
+    "overlong_penalty": "advantages",
+}
+
+__all__ = ["FIPOConfig", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"megatron_fipo.algo.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'megatron_fipo.algo' has no attribute {name!r}")

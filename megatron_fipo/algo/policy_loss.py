@@ -11,50 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_fipo.algo.fipo_config import FIPOConfig
 from megatron_fipo.algo.future_kl import future_kl
 
 # The official code caps influence weights of negative-advantage tokens with a huge ratio to this range.
 SAFETY_WEIGHT_RANGE = (0.8, 1.0)
-
-
-@dataclass
-class FIPOConfig:
-    """FIPO loss knobs; defaults are the paper's public Qwen2.5-32B recipe (run_fipo_qwen2.5_32b.sh)."""
-
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.28
-    # Dual clip: for A < 0 the surrogate is capped at -A * c; tokens with ratio > c also leave Future-KL.
-    dual_clip_c: float = 10.0
-    # gamma = 2^(-1/decay_rate): a token's influence halves every decay_rate tokens.
-    decay_rate: float = 32.0
-    influence_clip: float = 0.2
-    # True: weights in [1, 1 + clip] (32B recipe); False: [1 - clip, 1 + clip] (paper's 7B runs).
-    influence_clip_high_only: bool = True
-    safety_threshold: float = 10.0
-    logratio_clamp: float = 20.0
-    filter_dual_clip_sequences: bool = True
-    # The paper's Eq. 5 masks only negative-advantage tokens above c out of Future-KL; the official
-    # code masks every token above c. False follows the code.
-    future_kl_mask_negative_only: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("clip_ratio_low", "clip_ratio_high", "influence_clip"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.clip_ratio_low >= 1:
-            raise ValueError(f"clip_ratio_low must be < 1, got {self.clip_ratio_low}")
-        if not self.dual_clip_c > 1 + self.clip_ratio_high:
-            raise ValueError(
-                f"dual_clip_c ({self.dual_clip_c}) must exceed 1 + clip_ratio_high ({1 + self.clip_ratio_high})"
-            )
-        for name in ("decay_rate", "safety_threshold", "logratio_clamp"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-
-    @property
-    def influence_bounds(self) -> tuple[float, float]:
-        low = 1.0 if self.influence_clip_high_only else 1.0 - self.influence_clip
-        return low, 1.0 + self.influence_clip
 
 
 def _token_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

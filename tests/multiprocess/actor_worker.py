@@ -79,6 +79,19 @@ def main() -> None:
             actor = make(hf_dir)
             export(actor, f"export_{tag}")
             old = measure(actor, tag, seqs, adv, noise)
+            if mode == "reference":
+                # Train/inference mismatch: engine loaded through the bridge vs the actor, same tokens.
+                from megatron_fipo.rollout.base import SamplingParams
+                from megatron_fipo.rollout.embedded import EmbeddedEngine
+                from megatron_fipo.sequences import SequenceBatch
+
+                engine = EmbeddedEngine(actor.arch)
+                engine.update_weights(iter_hf_buckets(actor, bucket_bytes=64 * 1024), version=1)
+                groups = engine.generate(seqs.prompts[:4], n=2, sampling=SamplingParams(temperature=0.9, max_new_tokens=10), seed=5)
+                flat = [s for g in groups for s in g]
+                logp, _ = actor.compute_logprobs(SequenceBatch([s.prompt_ids for s in flat], [s.response_ids for s in flat]), temperature=0.9)
+                diffs = [(logp[i, : len(s.logprobs)] - torch.tensor(s.logprobs)).abs().max().item() for i, s in enumerate(flat)]
+                results[f"engine_mismatch_{tag}"] = max(diffs)
             if mode == "reference" and tag == "untied":
                 # Same gradient whatever the micro-batching, packed or padded.
                 for name, max_tokens, pack in (("mb1", 10_000, True), ("mb2", 60, True), ("mb4", 30, True),

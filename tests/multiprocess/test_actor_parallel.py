@@ -95,3 +95,9 @@ def test_resume_with_a_different_dp_size(runs, hf_dirs, tmp_path):
     resumed = torch.load(tmp_path / "results.pt", weights_only=True)
     # DP=2 reduces in another order: equal to fp32 rounding, not bit for bit.
     assert resumed["resumed_losses"] == pytest.approx(ref["uninterrupted_losses"], abs=1e-5)
+
+
+@pytest.mark.parametrize("tag", ["untied", "tied"])
+def test_actor_and_embedded_engine_logprobs_agree(runs, tag):
+    # The engine got its weights through the bridge export; both score the same sampled tokens.
+    assert runs["reference"][1][f"engine_mismatch_{tag}"] <= 1e-5

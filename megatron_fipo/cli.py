@@ -1,0 +1,54 @@
+"""megatron-fipo: train, eval, convert, launch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from megatron_fipo.config_base import ConfigError
+
+
+def _load(path: str, overrides: list[str]):
+    from megatron_fipo.config import RunConfig
+    from megatron_fipo.config_base import load_config
+
+    return load_config(RunConfig, path, overrides)
+
+
+def cmd_train(args) -> int:
+    from megatron_fipo.validation import validate_run
+
+    cfg = _load(args.config, args.overrides)
+    validate_run(cfg)  # config errors surface in milliseconds, before torch and Megatron load
+    from megatron_fipo.loop import train
+
+    summary = train(cfg)
+    if summary:
+        gain = 100 * (summary["eval_accuracy_end"] - summary["eval_accuracy_start"])
+        print(json.dumps(summary, indent=2))
+        print(f"eval accuracy {100 * summary['eval_accuracy_start']:.1f}% -> {100 * summary['eval_accuracy_end']:.1f}% "
+              f"({gain:+.1f} points) in {summary['steps']} FIPO steps, {summary['wall_seconds']:.0f} s")
+        print(f"curves: {summary['plot']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="megatron-fipo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="run FIPO (resumes if run_dir has a checkpoint)")
+    train.add_argument("config", help="YAML config, e.g. examples/tiny_cpu.yaml")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run_dir=runs/x trainer.total_steps=5")
+    train.set_defaults(func=cmd_train)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"megatron-fipo: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""One FIPO run: prompts -> rollouts -> rewards -> dynamic sampling -> advantages -> actor -> bridge.
+
+Every rank runs this loop (SPMD). Rollout generation, reward scoring and evaluation happen on
+global rank 0, which holds the rollout engine (or talks to the SGLang servers); the resulting
+samples are broadcast, and each data-parallel rank trains on its share of every mini-batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_fipo.actor.actor import MegatronActor, build_actor
+from megatron_fipo.actor.checkpoint import latest_step, load_checkpoint, save_checkpoint
+from megatron_fipo.algo import dynamic_sampling_mask, group_advantages
+from megatron_fipo.bridge.hf_io import HFCheckpointReader
+from megatron_fipo.bridge.weights import iter_hf_buckets, load_hf_weights
+from megatron_fipo.config import RunConfig
+from megatron_fipo.config_base import save_config
+from megatron_fipo.data.setup import DataBundle, setup_data
+from megatron_fipo.metrics import MetricsLogger, merge_metrics
+from megatron_fipo.model_arch import ModelArch
+from megatron_fipo.plotting import plot_run
+from megatron_fipo.progress import progress_bar
+from megatron_fipo.reward.scoring import Scorer
+from megatron_fipo.rollout.base import Sample, SamplingParams
+from megatron_fipo.rollout.factory import build_engine
+from megatron_fipo.sequences import SequenceBatch, pad_rows
+
+log = logging.getLogger("megatron_fipo")
+
+
+@dataclass
+class RunState:
+    """Everything besides the actor checkpoint that a resumed run needs (saved with it)."""
+
+    step: int = 0  # RL steps completed
+    data_position: int = 0
+    sft_done: bool = False
+    consecutive_bad_steps: int = 0
+    wall_seconds: float = 0.0
+    start: dict = field(default_factory=dict)  # eval accuracy / response length before RL
+    last: dict = field(default_factory=dict)
+
+
+@dataclass
+class StepBatch:
+    groups: list[list[Sample]]
+    rewards: torch.Tensor  # [G, n]
+    stats: dict[str, float]
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _broadcast(obj):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.stop_requested = False
+        arch = ModelArch.from_hf_config(cfg.actor.model_config)
+        self.actor: MegatronActor = build_actor(cfg, arch)
+        self.is_rank0 = _rank() == 0
+        if self.is_rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.data: DataBundle = setup_data(cfg, self.run_dir, arch)
+        if cfg.actor.load_hf:
+            load_hf_weights(self.actor, HFCheckpointReader(cfg.actor.load_hf).read)
+        self.engine = build_engine(cfg, arch) if self.is_rank0 else None
+        self.scorer = Scorer(cfg.reward, self.data.tokenizer, cfg.rollout.max_response_length)
+        self.metrics = MetricsLogger(self.run_dir, cfg.trainer.tensorboard, cfg.trainer.wandb_project,
+                                     asdict(cfg)) if self.is_rank0 else None
+        self.state = RunState()
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def run(self) -> dict:
+        tr = self.cfg.trainer
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        started = time.time()
+        resumed = self._resume()
+        if not self.state.sft_done and tr.warmup_sft_steps > 0:
+            self._warm_start()
+        self.state.sft_done = True
+        self._sync_weights(version=self.state.step)
+        if not resumed and tr.eval_before_train:
+            self.state.start = self._evaluate()
+            self._log(self.state.step, {f"eval/{k}": v for k, v in self.state.start.items()})
+            self._checkpoint(started)
+        bar = progress_bar(self.is_rank0)
+        with bar:
+            task = bar.add_task("FIPO", total=tr.total_steps, completed=self.state.step)
+            while self.state.step < tr.total_steps and not self.stop_requested:
+                metrics = self._rl_step()
+                self.state.step += 1
+                bar.update(task, advance=1, description=f"FIPO reward {metrics['reward/mean']:+.2f} "
+                           f"acc {metrics['rollout/accuracy']:.2f}")
+                last_step = self.state.step == tr.total_steps
+                if self.state.step % tr.eval_every == 0 or last_step:
+                    self.state.last = self._evaluate()
+                    metrics.update({f"eval/{k}": v for k, v in self.state.last.items()})
+                self._log(self.state.step, metrics)
+                if self.state.step % tr.save_every == 0 or last_step or self.stop_requested:
+                    self._checkpoint(started)
+        if self.stop_requested:
+            log.warning("SIGTERM: checkpoint written at step %d; exiting", self.state.step)
+            return {}
+        return self._finish(started)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        # Slurm preemption: finish the current step, checkpoint, exit 0.
+        self.stop_requested = True
+
+    def _resume(self) -> bool:
+        if latest_step(self.ckpt_dir) is None:
+            if self.is_rank0 and self.metrics is not None:
+                self.metrics.truncate_after(-1)
+            return False
+        common = load_checkpoint(self.actor, self.ckpt_dir)
+        self.state = RunState(**common["extra"]["run_state"])
+        self.data.train_stream.position = self.state.data_position
+        if self.metrics is not None:
+            self.metrics.truncate_after(self.state.step)
+        log.info("resumed from %s at step %d", self.ckpt_dir, self.state.step)
+        return True
+
+    def _checkpoint(self, started: float) -> None:
+        self.state.data_position = self.data.train_stream.position
+        state = asdict(self.state)
+        state["wall_seconds"] = self.state.wall_seconds + time.time() - started
+        save_checkpoint(self.actor, self.ckpt_dir, self.state.step, {"run_state": state},
+                        keep_last=self.cfg.trainer.keep_last_checkpoints)
+
+    def _finish(self, started: float) -> dict:
+        summary = {
+            "steps": self.state.step,
+            "wall_seconds": round(self.state.wall_seconds + time.time() - started, 2),
+            "eval_accuracy_start": self.state.start.get("accuracy", float("nan")),
+            "eval_accuracy_end": self.state.last.get("accuracy", float("nan")),
+            "mean_response_length_start": self.state.start.get("response_length", float("nan")),
+            "mean_response_length_end": self.state.last.get("response_length", float("nan")),
+            "optimizer_steps": self.actor.steps,
+            "skipped_updates": self.actor.skipped_updates,
+        }
+        if self.is_rank0:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            summary["plot"] = str(plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png"))
+            self.metrics.close()
+        return summary
+
+    def _log(self, step: int, metrics: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.log(step, metrics)
+
+    # ---- phases ------------------------------------------------------------------------------
+    def _sync_weights(self, version: int) -> float:
+        """Bridge: Megatron shards -> HF-named buckets -> rollout engine."""
+        start = time.time()
+        buckets = iter_hf_buckets(self.actor, self.cfg.rollout.bridge_bucket_mb * 2**20)
+        if self.engine is not None:
+            self.engine.update_weights(buckets, version)
+        else:
+            for _ in buckets:  # non-sink ranks still run the gathers
+                pass
+        return time.time() - start
+
+    def _warm_start(self) -> None:
+        tr = self.cfg.trainer
+        problems = self.data.train_problems
+        g = torch.Generator().manual_seed(tr.seed)
+        for param_group in self.actor.optimizer.param_groups:
+            param_group["lr"] = tr.warmup_sft_lr
+        bar = progress_bar(self.is_rank0)
+        with bar:
+            task = bar.add_task("warm start (SFT)", total=tr.warmup_sft_steps)
+            for _ in range(tr.warmup_sft_steps):
+                idx = torch.randint(len(problems), (tr.warmup_sft_batch,), generator=g).tolist()
+                prompts = [self.data.prompt_ids(problems[i]) for i in idx]
+                answers = [self.data.answer_ids(problems[i]) for i in idx]
+                res = self.actor.sft_step(self._dp_share(SequenceBatch(prompts, answers)), advance_schedule=False)
+                bar.update(task, advance=1, description=f"warm start (SFT) nll {res.loss:.3f}")
+        self.actor.scheduler.step(increment=0)  # back to the RL schedule's learning rate
+
+    def _dp_share(self, batch: SequenceBatch) -> SequenceBatch:
+        idx = list(range(self.actor.ps.get_data_parallel_rank(), len(batch), self.actor.dp_size))
+        return batch.select(idx)
+
+    def _sampling(self, eval_mode: bool) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(
+            temperature=r.eval_temperature if eval_mode else r.temperature,
+            top_p=r.eval_top_p if eval_mode else r.top_p,
+            top_k=r.top_k,
+            max_new_tokens=r.max_response_length,
+            stop_token_ids=(self.data.tokenizer.eos_id,),
+        )
+
+    def _evaluate(self) -> dict:
+        """avg@k accuracy and mean response length on the eval set (rank 0, broadcast)."""
+        result = None
+        if self.is_rank0:
+            problems = self.data.eval_problems
+            groups = self.engine.generate([self.data.prompt_ids(p) for p in problems], self.cfg.rollout.eval_n_samples,
+                                          self._sampling(eval_mode=True), seed=self.cfg.trainer.seed + 7919 * self.state.step)
+            scores = self.scorer.score(groups, [p.answer for p in problems])
+            lengths = [len(s.response_ids) for g in groups for s in g]
+            result = {"accuracy": scores.correct.float().mean().item(), "response_length": sum(lengths) / len(lengths)}
+        return _broadcast(result)
+
+    def _collect(self) -> Optional[StepBatch]:
+        """Generate until prompts_per_step groups with non-identical rewards (rank 0)."""
+        tr, r = self.cfg.trainer, self.cfg.rollout
+        kept: list[list[Sample]] = []
+        rewards, correct, statuses = [], [], {}
+        batches = dropped = 0
+        while len(kept) < tr.prompts_per_step and batches < tr.max_gen_batches:
+            problems = self.data.train_stream.take(tr.gen_prompts_per_batch)
+            seed = tr.seed * 1_000_003 + self.state.step * 1009 + batches
+            groups = self.engine.generate([self.data.prompt_ids(p) for p in problems], r.n_samples,
+                                          self._sampling(eval_mode=False), seed=seed)
+            scores = self.scorer.score(groups, [p.answer for p in problems])
+            for k, v in scores.status_counts.items():
+                statuses[k] = statuses.get(k, 0) + v
+            keep = dynamic_sampling_mask(scores.rewards) if tr.dynamic_sampling else torch.ones(len(groups), dtype=torch.bool)
+            dropped += int((~keep).sum())
+            for i in keep.nonzero().flatten().tolist():
+                kept.append(groups[i])
+                rewards.append(scores.rewards[i])
+                correct.append(scores.correct[i])
+            batches += 1
+        if not kept:
+            return None
+        kept, rewards, correct = kept[: tr.prompts_per_step], rewards[: tr.prompts_per_step], correct[: tr.prompts_per_step]
+        lengths = torch.tensor([len(s.response_ids) for g in kept for s in g], dtype=torch.float32)
+        total = sum(statuses.values())
+        stats = {
+            "rollout/gen_batches": batches,
+            "rollout/groups_kept": len(kept),
+            "rollout/groups_dropped": dropped,
+            "rollout/accuracy": torch.stack(correct).float().mean().item(),
+            "reward/mean": torch.stack(rewards).mean().item(),
+            "response_length/mean": lengths.mean().item(),
+            "response_length/max": lengths.max().item(),
+            "response_length/clip_frac": sum(s.finish_reason == "length" for g in kept for s in g) / lengths.numel(),
+            **{f"reward/{k}_frac": v / total for k, v in statuses.items()},
+        }
+        return StepBatch(kept, torch.stack(rewards), stats)
+
+    def _rl_step(self) -> dict:
+        tr = self.cfg.trainer
+        t0 = time.time()
+        if self.engine is not None:
+            self.engine.resume()
+        batch = _broadcast(self._collect() if self.is_rank0 else None)
+        if self.engine is not None:
+            self.engine.pause()
+        t_rollout = time.time() - t0
+        if batch is None:
+            raise RuntimeError("no prompt group had differing rewards in trainer.max_gen_batches generation batches")
+
+        n = len(batch.groups[0])
+        advantages = group_advantages(batch.rewards, norm_by_std=tr.norm_adv_by_std).flatten()
+        samples = [s for g in batch.groups for s in g]
+        # PPO mini-batches of whole prompt groups; each DP rank takes a strided share of each.
+        per_mb = tr.minibatch_prompts * n
+        dp_rank, dp = self.actor.ps.get_data_parallel_rank(), self.actor.dp_size
+        minibatches = [list(range(s, min(s + per_mb, len(samples))))[dp_rank::dp] for s in range(0, len(samples), per_mb)]
+        mine = [i for mb in minibatches for i in mb]
+        seqs = SequenceBatch([samples[i].prompt_ids for i in mine], [samples[i].response_ids for i in mine])
+
+        t1 = time.time()
+        old_logp, entropy = self.actor.compute_logprobs(seqs, self.cfg.rollout.temperature)
+        mask = seqs.response_mask()
+        rollout_logp = pad_rows([samples[i].logprobs for i in mine], mask.shape[1])
+        gap = ((old_logp - rollout_logp).abs() * mask).sum()
+        kl = ((rollout_logp - old_logp) * mask).sum()
+        row_of = {i: k for k, i in enumerate(mine)}
+        step_metrics, results = {}, []
+        for _ in range(tr.ppo_epochs):
+            for mb in minibatches:
+                rows = [row_of[i] for i in mb]
+                res = self.actor.train_step(seqs.select(rows), old_logp[rows], advantages[mb], self.cfg.rollout.temperature)
+                results.append(res)
+        t_train = time.time() - t1
+
+        bad = sum(not r.updated for r in results)
+        self.state.consecutive_bad_steps = self.state.consecutive_bad_steps + 1 if bad else 0
+        if bad:
+            log.warning("step %d: %d of %d updates skipped (non-finite loss or gradient)", self.state.step, bad, len(results))
+        if self.state.consecutive_bad_steps >= tr.max_consecutive_bad_steps:
+            raise RuntimeError(f"{self.state.consecutive_bad_steps} steps in a row with non-finite loss or gradient: "
+                               "stopping (lower optim.lr or check the data)")
+
+        t_sync = self._sync_weights(version=self.state.step + 1)
+        tokens = torch.tensor([mask.sum().item(), gap.item(), kl.item(), (entropy * mask).sum().item()], dtype=torch.float64)
+        if dp > 1:
+            dist.all_reduce(tokens, group=self.actor.ps.get_data_parallel_group())
+        n_tok = max(tokens[0].item(), 1.0)
+        step_metrics.update(batch.stats)
+        step_metrics.update({
+            "actor/loss": sum(r.loss for r in results) / len(results),
+            "actor/grad_norm": sum(r.grad_norm for r in results if math.isfinite(r.grad_norm)) / max(len(results) - bad, 1),
+            "actor/lr": results[-1].lr,
+            "actor/entropy": tokens[3].item() / n_tok,
+            "actor/skipped_updates": bad,
+            "mismatch/train_rollout_logp_abs": tokens[1].item() / n_tok,
+            "mismatch/kl_rollout_train": tokens[2].item() / n_tok,
+            "time/rollout_s": t_rollout,
+            "time/train_s": t_train,
+            "time/sync_s": t_sync,
+            "throughput/train_tokens_per_s": n_tok / max(t_train, 1e-9),
+            "throughput/rollout_tokens_per_s": batch.stats["response_length/mean"] * len(samples) / max(t_rollout, 1e-9),
+        })
+        merged = merge_metrics([(r.num_tokens, r.metrics) for r in results if r.metrics])
+        step_metrics.update({f"actor/{key}": value for key, value in merged.items()})
+        return step_metrics
+
+
+def train(cfg: RunConfig) -> dict:
+    return Trainer(cfg).run()

@@ -1,0 +1,131 @@
+"""In-process rollout engine: batched sampling with a KV cache, for CPU runs and tests.
+
+It receives the same HF-named tensors the bridge sends to SGLang, so the weight path is exercised
+end to end; its logprobs agree with the Megatron actor's on the same tokens (fp32).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from megatron_fipo.bridge.mapping import hf_shapes
+from megatron_fipo.model_arch import ModelArch
+from megatron_fipo.rollout.base import Sample, SamplingParams
+from megatron_fipo.rollout.torch_decoder import TorchDecoder
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token once the mass before it already reaches top_p (the first always stays).
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+class EmbeddedEngine:
+    def __init__(self, arch: ModelArch, max_batch: int = 256, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        self.arch, self.max_batch, self.dtype, self.device = arch, max_batch, dtype, torch.device(device)
+        self.shapes = hf_shapes(arch)
+        self.weights: dict[str, torch.Tensor] = {}
+        self.weight_version = -1
+
+    # ---- weights -----------------------------------------------------------------------------
+    def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> None:
+        for bucket in buckets:
+            for name, tensor in bucket:
+                if name not in self.shapes:
+                    raise KeyError(f"embedded engine: unexpected weight {name!r} (not in the {self.arch.model_type} layout)")
+                if tuple(tensor.shape) != self.shapes[name]:
+                    raise ValueError(f"embedded engine: {name} has shape {tuple(tensor.shape)}, expected {self.shapes[name]}")
+                if name in self.weights:
+                    self.weights[name].copy_(tensor)
+                else:
+                    self.weights[name] = tensor.detach().to(self.device, self.dtype, copy=True)
+        missing = set(self.shapes) - set(self.weights)
+        if missing:
+            raise ValueError(f"embedded engine: weights never received: {sorted(missing)[:5]}")
+        self.weight_version = version
+
+    def pause(self) -> None:  # CPU memory is shared with the trainer anyway
+        pass
+
+    def resume(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        self.weights.clear()
+
+    # ---- generation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams, seed: int) -> list[list[Sample]]:
+        if not self.weights:
+            raise RuntimeError("embedded engine: no weights loaded; call update_weights first")
+        flat = [p for p in prompts for _ in range(n)]
+        samples: list[Sample] = []
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        for start in range(0, len(flat), self.max_batch):
+            samples += self._generate_batch(flat[start : start + self.max_batch], sampling, generator)
+        return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _generate_batch(self, prompts: list[list[int]], sp: SamplingParams, generator) -> list[Sample]:
+        model = TorchDecoder(self.arch, self.weights)
+        b = len(prompts)
+        width = max(len(p) for p in prompts)
+        total = width + sp.max_new_tokens
+        tokens = torch.zeros(b, width, dtype=torch.long, device=self.device)
+        key_valid = torch.zeros(b, total, dtype=torch.bool, device=self.device)
+        for i, p in enumerate(prompts):  # left padding: every prompt ends at column width - 1
+            tokens[i, width - len(p) :] = torch.tensor(p)
+            key_valid[i, width - len(p) : width] = True
+        positions = (key_valid[:, :width].long().cumsum(-1) - 1).clamp(min=0)
+        cache = model.new_cache(b, total, self.dtype, self.device)
+        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
+        # Padding queries attend to themselves only, so no softmax row is empty.
+        mask = (causal & key_valid[:, None, None, :width]) | torch.eye(width, dtype=torch.bool, device=self.device)
+        hidden = model.forward(tokens, positions, cache, 0, mask)[:, -1]
+        next_pos = positions[:, -1] + 1
+        head = model.lm_head()
+        out_tokens = torch.zeros(b, sp.max_new_tokens, dtype=torch.long)
+        out_logp = torch.zeros(b, sp.max_new_tokens)
+        lengths = torch.full((b,), sp.max_new_tokens, dtype=torch.long)
+        done = torch.zeros(b, dtype=torch.bool)
+        stops = torch.tensor(sp.stop_token_ids or [-1], device=self.device)
+        for step in range(sp.max_new_tokens):
+            logits = (hidden @ head.T).float()
+            scaled = logits / sp.temperature if sp.temperature > 0 else logits
+            logp_all = torch.log_softmax(scaled, dim=-1)
+            if sp.temperature == 0:
+                token = logits.argmax(-1)
+            else:
+                filtered = _filter_top_k_top_p(scaled, sp.top_k, sp.top_p)
+                token = torch.multinomial(torch.softmax(filtered, -1), 1, generator=generator).squeeze(-1)
+            out_tokens[:, step] = token.cpu()
+            out_logp[:, step] = logp_all.gather(-1, token.unsqueeze(-1)).squeeze(-1).cpu()
+            stopped = torch.isin(token, stops).cpu() & ~done
+            lengths[stopped] = step + 1
+            done |= stopped
+            if bool(done.all()) or step + 1 == sp.max_new_tokens:
+                break
+            key_valid[:, width + step] = True
+            slot = width + step
+            hidden = model.forward(token.unsqueeze(-1), next_pos.unsqueeze(-1), cache, slot,
+                                   key_valid[:, None, None, : slot + 1])[:, -1]
+            next_pos = next_pos + 1
+        return [
+            Sample(
+                prompt_ids=list(prompts[i]),
+                response_ids=out_tokens[i, : lengths[i]].tolist(),
+                logprobs=out_logp[i, : lengths[i]].tolist(),
+                finish_reason="stop" if done[i] else "length",
+                weight_version=self.weight_version,
+            )
+            for i in range(b)
+        ]

@@ -1,0 +1,16 @@
+"""Pick the rollout engine the config asks for; GPU-only engines are imported lazily."""
+
+from __future__ import annotations
+
+from megatron_fipo.config import RunConfig
+from megatron_fipo.model_arch import ModelArch
+
+
+def build_engine(cfg: RunConfig, arch: ModelArch):
+    if cfg.rollout.engine == "embedded":
+        from megatron_fipo.rollout.embedded import EmbeddedEngine
+
+        return EmbeddedEngine(arch, max_batch=cfg.rollout.max_batch)
+    from megatron_fipo.rollout.sglang_engine import SGLangEngine
+
+    return SGLangEngine(cfg.rollout, cfg.actor.load_hf or cfg.actor.model_config, cfg.run_dir)

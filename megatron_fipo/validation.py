@@ -1,0 +1,59 @@
+"""Checks that need the model and the world size but no torch: they fail fast, before heavy imports."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from megatron_fipo.config import ParallelConfig, RunConfig
+from megatron_fipo.config_base import ConfigError
+from megatron_fipo.model_arch import ModelArch
+
+
+def validate_parallel(par: ParallelConfig, arch: ModelArch, world_size: int, has_te: bool) -> int:
+    """Raise ConfigError naming the field for any size that does not divide; return the DP size."""
+    tp, pp, cp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size
+    if world_size % par.model_parallel_size:
+        raise ConfigError(
+            f"parallel: tensor ({tp}) x pipeline ({pp}) x context ({cp}) = {par.model_parallel_size} "
+            f"must divide the world size {world_size}; change one of the three or the number of ranks"
+        )
+    checks = [
+        (arch.num_attention_heads % tp, f"parallel.tensor_model_parallel_size={tp} must divide num_attention_heads={arch.num_attention_heads}"),
+        (arch.num_kv_heads % tp, f"parallel.tensor_model_parallel_size={tp} must divide num_key_value_heads={arch.num_kv_heads} (KV groups)"),
+        (arch.vocab_size % tp, f"parallel.tensor_model_parallel_size={tp} must divide vocab_size={arch.vocab_size}; pad the vocabulary"),
+        (arch.ffn_hidden_size % tp, f"parallel.tensor_model_parallel_size={tp} must divide intermediate_size={arch.ffn_hidden_size}"),
+    ]
+    stages = pp * (par.virtual_pipeline_model_parallel_size or 1)
+    checks.append((arch.num_layers % stages,
+                   f"parallel.pipeline_model_parallel_size={pp} x virtual_pipeline_model_parallel_size="
+                   f"{par.virtual_pipeline_model_parallel_size} = {stages} stages must divide num_layers={arch.num_layers}"))
+    for bad, message in checks:
+        if bad:
+            raise ConfigError(message)
+    if cp > 1 and not has_te:
+        raise ConfigError(
+            f"parallel.context_parallel_size={cp} needs Transformer Engine attention (CUDA); "
+            "Megatron's local attention has no context parallelism: set it to 1 on CPU"
+        )
+    return world_size // par.model_parallel_size
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+
+
+def validate_run(cfg: RunConfig) -> ModelArch:
+    """Everything checkable from the config, the model's config.json and the launch environment."""
+    if not cfg.actor.model_config:
+        raise ConfigError("actor.model_config: set it to a Hugging Face config.json (or its directory)")
+    arch = ModelArch.from_hf_config(cfg.actor.model_config)
+    has_te = importlib.util.find_spec("transformer_engine") is not None
+    dp = validate_parallel(cfg.parallel, arch, world_size_from_env(), has_te)
+    mb = cfg.trainer.minibatch_prompts * cfg.rollout.n_samples
+    if mb % dp:
+        raise ConfigError(
+            f"trainer.minibatch_prompts x rollout.n_samples = {mb} samples per mini-batch must divide evenly over "
+            f"the {dp} data-parallel ranks"
+        )
+    return arch

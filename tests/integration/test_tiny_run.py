@@ -1,0 +1,107 @@
+"""The tiny CPU job end to end, shortened: kill and resume, preemption, outputs.
+
+Runs `megatron-fipo train examples/tiny_cpu.yaml` as a user would, in subprocesses.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SHORT = ["trainer.total_steps=4", "trainer.warmup_sft_steps=20", "trainer.eval_every=2", "trainer.save_every=1",
+         "trainer.prompts_per_step=8", "trainer.minibatch_prompts=4", "trainer.gen_prompts_per_batch=12",
+         "data.eval_size=8", "rollout.eval_n_samples=2"]
+
+
+def _cmd(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "megatron_fipo.cli", "train", "examples/tiny_cpu.yaml", f"run_dir={run_dir}", *SHORT, *extra]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
+
+
+def _run(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(_cmd(run_dir, *extra), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return proc
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    latest = run_dir / "checkpoints" / "latest"
+    while time.time() < deadline:
+        if latest.is_file() and int(latest.read_text()) >= step:
+            return
+        assert proc.poll() is None, "the run ended before reaching the step to interrupt"
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint of step {step} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    proc = _run(run_dir)
+    return run_dir, proc
+
+
+def test_outputs_of_a_run(uninterrupted):
+    run_dir, proc = uninterrupted
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("eval_accuracy_start", "eval_accuracy_end", "steps", "wall_seconds",
+                "mean_response_length_start", "mean_response_length_end"):
+        assert key in summary
+    assert summary["steps"] == 4
+    assert (run_dir / "curves.png").stat().st_size > 10_000
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "tokenizer.model").is_file()
+    rows = _metrics(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    for key in ("reward/mean", "rollout/accuracy", "response_length/mean", "actor/influence_weight/mean",
+                "actor/delta_logp/pos_mean", "actor/ppo_kl", "actor/entropy", "actor/grad_norm", "time/rollout_s",
+                "time/train_s", "time/sync_s", "throughput/train_tokens_per_s", "mismatch/train_rollout_logp_abs"):
+        assert key in rows[1], key
+    # The engine samples with the weights the actor just synced: logprobs agree closely.
+    assert max(r["mismatch/train_rollout_logp_abs"] for r in rows[1:]) < 1e-4
+    assert "eval accuracy" in proc.stdout and "curves:" in proc.stdout
+
+
+def test_sigkill_then_rerun_resumes_to_the_same_result(uninterrupted, tmp_path):
+    ref_dir, _ = uninterrupted
+    proc = subprocess.Popen(_cmd(tmp_path), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_step(tmp_path, proc, 2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    _run(tmp_path)
+    ref, got = _metrics(ref_dir), _metrics(tmp_path)
+    assert [r["step"] for r in got] == [0, 1, 2, 3, 4]
+    for a, b in zip(ref, got):
+        for key in ("reward/mean", "rollout/accuracy", "actor/loss", "actor/grad_norm", "eval/accuracy"):
+            assert a.get(key) == b.get(key), (a["step"], key)
+    ref_summary = json.loads((ref_dir / "summary.json").read_text())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("eval_accuracy_start", "eval_accuracy_end", "mean_response_length_end", "steps"):
+        assert summary[key] == ref_summary[key], key
+
+
+def test_sigterm_checkpoints_and_exits_zero(tmp_path):
+    proc = subprocess.Popen(_cmd(tmp_path), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(tmp_path, proc, 1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    step = int((tmp_path / "checkpoints" / "latest").read_text())
+    assert step >= 2 and "SIGTERM: checkpoint written" in err
+    assert not (tmp_path / "summary.json").exists()
