@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 
 import torch
@@ -19,6 +20,12 @@ def world_from_env() -> tuple[int, int, int]:
     return rank, world, local
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init_process_groups(par: ParallelConfig, seed: int, timeout_minutes: int = 30) -> None:
     """torch.distributed (NCCL on GPU, gloo on CPU) plus Megatron's TP/PP/CP/DP groups and RNG."""
     from megatron.core import parallel_state
@@ -30,7 +37,12 @@ def init_process_groups(par: ParallelConfig, seed: int, timeout_minutes: int = 3
     rank, world, local = world_from_env()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_PORT" not in os.environ:
+            # Launchers set it for multi-rank runs; a lone process takes any free port, so several
+            # single-process runs can share a machine.
+            if world > 1:
+                raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is unset: launch with torchrun or srun")
+            os.environ["MASTER_PORT"] = str(_free_port())
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
         dist.init_process_group(

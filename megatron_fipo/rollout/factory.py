@@ -11,6 +11,7 @@ def build_engine(cfg: RunConfig, arch: ModelArch):
         from megatron_fipo.rollout.embedded import EmbeddedEngine
 
         return EmbeddedEngine(arch, max_batch=cfg.rollout.max_batch)
-    from megatron_fipo.rollout.sglang_engine import SGLangEngine
-
-    return SGLangEngine(cfg.rollout, cfg.actor.load_hf or cfg.actor.model_config, cfg.run_dir)
+    raise NotImplementedError(
+        "rollout.engine=sglang: the SGLang engine (server supervision and CUDA-IPC / NCCL / disk weight "
+        "updates) is not built yet; use rollout.engine=embedded"
+    )
