@@ -69,9 +69,11 @@ class ActorConfig:
     fp8: Optional[Literal["delayed", "current"]] = None
     recompute: Literal["none", "full", "selective"] = "none"
     loss: Literal["fipo", "dapo"] = "fipo"
-    # Micro-batches are packed up to this many tokens (prompt + response) per micro-batch.
+    # Micro-batches hold up to this many tokens (prompt + response, padding included).
     max_tokens_per_microbatch: int = 8192
-    pack_sequences: bool = True
+    # auto: pack with Transformer Engine (THD attention skips cross-sequence pairs), pad on the CPU's
+    # local attention, where a packed micro-batch costs a dense [T, T] mask (4x slower measured).
+    packing: Literal["auto", "on", "off"] = "auto"
     # Sequence chunk for vocab-parallel logprobs: bounds the live [chunk, vocab/TP] fp32 logits.
     logprob_chunk_size: int = 1024
     seed: int = 1234

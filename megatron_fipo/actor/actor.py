@@ -75,9 +75,10 @@ class MegatronActor:
     def microbatches(self, batch: SequenceBatch) -> list[MicroBatch]:
         actor, par = self.sections.actor, self.sections.parallel
         pad = par.tensor_model_parallel_size if par.sequence_parallel else 1
+        pack = actor.packing == "on" or (actor.packing == "auto" and self.use_te)
         return [
-            build_microbatch(batch, idx, actor.pack_sequences, pad_multiple=pad, dense_mask=not self.use_te)
-            for idx in partition(batch, actor.max_tokens_per_microbatch, actor.pack_sequences)
+            build_microbatch(batch, idx, pack, pad_multiple=pad, dense_mask=not self.use_te)
+            for idx in partition(batch, actor.max_tokens_per_microbatch, pack)
         ]
 
     def _context(self, temperature: float) -> LogprobContext:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_fipo.algo.fipo_config import FIPOConfig
-from megatron_fipo.algo.future_kl import future_kl
+from megatron_fipo.algo.future_kl_scan import future_kl
 
 # The official code caps influence weights of negative-advantage tokens with a huge ratio to this range.
 SAFETY_WEIGHT_RANGE = (0.8, 1.0)

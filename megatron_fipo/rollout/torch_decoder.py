@@ -71,9 +71,10 @@ class TorchDecoder:
             kv = cache[i]
             kv[0, :, :, start : start + t] = k
             kv[1, :, :, start : start + t] = v
-            keys = kv[0, :, :, : start + t].repeat_interleave(groups, dim=1)
-            values = kv[1, :, :, : start + t].repeat_interleave(groups, dim=1)
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask)
+            # enable_gqa reads each KV head for its query group in place, instead of copying the
+            # whole cache `groups` times per layer per decoded token.
+            attn = F.scaled_dot_product_attention(q, kv[0, :, :, : start + t], kv[1, :, :, : start + t],
+                                                  attn_mask=attn_mask, enable_gqa=groups > 1)
             attn = attn.transpose(1, 2).reshape(b, t, a.num_attention_heads * a.head_dim)
             x = x + F.linear(attn, w[p + "self_attn.o_proj.weight"])
             h = _rms_norm(x, w[p + "post_attention_layernorm.weight"], a.rms_norm_eps)

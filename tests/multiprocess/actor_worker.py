@@ -46,7 +46,8 @@ def main() -> None:
     results = {}
 
     def make(hf_dir, extra=()):
-        data = apply_overrides({"actor": {"model_config": hf_dir, "precision": "fp32", "max_tokens_per_microbatch": 64},
+        data = apply_overrides({"actor": {"model_config": hf_dir, "precision": "fp32", "max_tokens_per_microbatch": 64,
+                                          "packing": "on"},
                                 "optim": {"lr": 1e-3, "lr_warmup_steps": 0}}, [*sec_overrides, *extra])
         sections = from_dict(TrainerSections, data)
         reader = HFCheckpointReader(hf_dir)
@@ -94,16 +95,16 @@ def main() -> None:
                 results[f"engine_mismatch_{tag}"] = max(diffs)
             if mode == "reference" and tag == "untied":
                 # Same gradient whatever the micro-batching, packed or padded.
-                for name, max_tokens, pack in (("mb1", 10_000, True), ("mb2", 60, True), ("mb4", 30, True),
-                                               ("padded", 64, False)):
+                for name, max_tokens, packing in (("mb1", 10_000, "on"), ("mb2", 60, "on"), ("mb4", 30, "on"),
+                                                  ("padded", 64, "off")):
                     actor.sections.actor.max_tokens_per_microbatch = max_tokens
-                    actor.sections.actor.pack_sequences = pack
+                    actor.sections.actor.packing = packing
                     n_mb = len(actor.microbatches(seqs))
                     loss, _, _, _ = actor.compute_gradients(seqs, old, adv)
                     grads = torch.cat([p.main_grad.flatten().clone() for p in actor.chunks[0].parameters()])
                     results[name] = {"loss": loss, "grads": grads, "num_microbatches": n_mb}
                 actor.sections.actor.max_tokens_per_microbatch = 64
-                actor.sections.actor.pack_sequences = True
+                actor.sections.actor.packing = "on"
     if mode in ("reference", "resume"):
         actor = make(hf_untied)
         ckpt = f"{out}/ckpt" if mode == "reference" else opts.get("ckpt")
