@@ -5,16 +5,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 find_python() {
-    if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
-    for cand in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3; do
-        if command -v "$cand" >/dev/null 2>&1; then command -v "$cand"; return; fi
+    # A candidate counts only if it runs and is 3.12 (a pyenv shim can exist and still refuse).
+    for cand in ${PYTHON:-} python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3 python3; do
+        if "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' >/dev/null 2>&1; then
+            command -v "$cand"
+            return
+        fi
     done
-    echo "no Python 3.12 found: megatron-core >= 0.17 needs it; set PYTHON=/path/to/python3.12" >&2
+    echo "no working Python 3.12 found: megatron-core >= 0.17 needs it; set PYTHON=/path/to/python3.12" >&2
     exit 1
 }
 
 if [ ! -x .venv/bin/python ]; then
-    "$(find_python)" -m venv .venv
+    python=$(find_python)
+    "$python" -m venv .venv
     .venv/bin/python -m pip install -q --upgrade pip
 fi
 reqs=(requirements.txt "$@")
