@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 
 from megatron_fipo.config_base import ConfigError
 
@@ -34,8 +35,17 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """Our own progress at INFO; libraries' per-step deprecation chatter off the console."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron_fipo").setLevel(logging.INFO)
+    logging.getLogger("megatron.core").setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(torch|megatron|transformers)(\.|$)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
     parser = argparse.ArgumentParser(prog="megatron-fipo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run FIPO (resumes if run_dir has a checkpoint)")
