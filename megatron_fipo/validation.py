@@ -31,6 +31,11 @@ def validate_parallel(par: ParallelConfig, arch: ModelArch, world_size: int, has
     for bad, message in checks:
         if bad:
             raise ConfigError(message)
+    if par.virtual_pipeline_model_parallel_size is not None:
+        raise ConfigError(
+            "parallel.virtual_pipeline_model_parallel_size: interleaved 1F1B is not supported yet (with ragged "
+            "rollout micro-batches it deadlocked in testing); set it to null"
+        )
     if cp > 1 and not has_te:
         raise ConfigError(
             f"parallel.context_parallel_size={cp} needs Transformer Engine attention (CUDA); "

@@ -118,6 +118,16 @@ def main() -> None:
                 if step == 3:
                     save_checkpoint(actor, ckpt, step, {"data_position": step})
             results["uninterrupted_losses"] = losses[3:]
+            # A NaN loss skips the update: parameters untouched, the skip counted.
+            before = [p.detach().clone() for p in actor.chunks[0].parameters()]
+            s, a, n = batch(7)
+            logp, _ = actor.compute_logprobs(s)
+            nan_step = actor.train_step(s, logp, torch.full_like(a, float("nan")))
+            results["nan_step"] = {
+                "updated": nan_step.updated,
+                "skipped": actor.skipped_updates,
+                "unchanged": all(torch.equal(b, p) for b, p in zip(before, actor.chunks[0].parameters())),
+            }
         else:
             common = load_checkpoint(actor, ckpt)
             losses = []

@@ -101,3 +101,7 @@ def test_resume_with_a_different_dp_size(runs, hf_dirs, tmp_path):
 def test_actor_and_embedded_engine_logprobs_agree(runs, tag):
     # The engine got its weights through the bridge export; both score the same sampled tokens.
     assert runs["reference"][1][f"engine_mismatch_{tag}"] <= 1e-5
+
+
+def test_nan_loss_skips_the_update(runs):
+    assert runs["reference"][1]["nan_step"] == {"updated": False, "skipped": 1, "unchanged": True}

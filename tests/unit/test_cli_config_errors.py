@@ -42,4 +42,7 @@ def test_parallel_sizes_that_do_not_divide_the_model(monkeypatch):
         validate_parallel(ParallelConfig(pipeline_model_parallel_size=3), arch, 3, has_te=False)
     with pytest.raises(ConfigError, match="context_parallel_size=2 needs Transformer Engine"):
         validate_parallel(ParallelConfig(context_parallel_size=2), arch, 2, has_te=False)
+    with pytest.raises(ConfigError, match="virtual_pipeline_model_parallel_size: interleaved 1F1B is not supported"):
+        validate_parallel(ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
+                          arch, 2, has_te=False)
     assert validate_parallel(ParallelConfig(tensor_model_parallel_size=2), arch, 8, has_te=False) == 4
