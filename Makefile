@@ -10,6 +10,7 @@ run:
 
 test:
 	@scripts/setup_env.sh requirements-test.txt
+	@tools/sglang_cpu/setup.sh
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
 
 bench:

@@ -126,9 +126,28 @@ class SGLangConfig:
     mem_fraction_static: float = 0.8
     api_key: str = ""
     extra_args: list[str] = field(default_factory=list)
-    max_concurrency: int = 256
+    # Interpreter that runs sglang.launch_server; empty = this one. tools/sglang_cpu/python on a CPU.
+    python: str = ""
+    # Servers launched elsewhere (disaggregated nodes): their URLs; then none is launched here.
+    urls: list[str] = field(default_factory=list)
+    # tensor: CUDA IPC / shared memory (colocated); distributed: NCCL broadcast; disk: safetensors.
+    weight_transport: Literal["tensor", "distributed", "disk"] = "tensor"
+    distributed_backend: Literal["nccl", "gloo"] = "nccl"
+    weights_update_port: int = 29700
+    # Colocated: release weights and KV cache while the trainer runs (needs CUDA).
+    release_memory: bool = True
+    sequences_per_request: int = 32
+    max_concurrency: int = 256  # sequences in flight across all servers
+    max_retries: int = 3  # per request, each on the then least-loaded server
     request_timeout_s: float = 3600.0
     startup_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_servers", "tp_size", "sequences_per_request", "max_concurrency"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rollout.sglang.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_retries < 0:
+            raise ConfigError(f"rollout.sglang.max_retries must be >= 0, got {self.max_retries}")
 
 
 @dataclass

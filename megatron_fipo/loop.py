@@ -336,4 +336,9 @@ class Trainer:
 
 
 def train(cfg: RunConfig) -> dict:
-    return Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.engine is not None:
+            trainer.engine.shutdown()  # SGLang servers must not outlive the run

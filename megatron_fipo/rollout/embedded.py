@@ -63,6 +63,21 @@ class EmbeddedEngine:
     def shutdown(self) -> None:
         self.weights.clear()
 
+    @torch.no_grad()
+    def score(self, prompt: list[int], response: list[int], temperature: float = 1.0) -> torch.Tensor:
+        """Teacher-forced log pi(response_t | prefix) under softmax(logits / temperature), fp32 [len(response)].
+
+        The reference another engine's sampled logprobs are checked against (train/inference mismatch).
+        """
+        model = TorchDecoder(self.arch, self.weights)
+        ids = torch.tensor([prompt + response], device=self.device)
+        t = ids.shape[1]
+        cache = model.new_cache(1, t, self.dtype, self.device)
+        causal = torch.ones(1, 1, t, t, dtype=torch.bool, device=self.device).tril()
+        hidden = model.forward(ids, torch.arange(t, device=self.device)[None], cache, 0, causal)[0, len(prompt) - 1 : -1]
+        logp = torch.log_softmax((hidden @ model.lm_head().T).float() / temperature, dim=-1)
+        return logp.gather(-1, torch.tensor(response, device=self.device)[:, None]).squeeze(-1).cpu()
+
     # ---- generation --------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams, seed: int) -> list[list[Sample]]:

@@ -11,7 +11,6 @@ def build_engine(cfg: RunConfig, arch: ModelArch):
         from megatron_fipo.rollout.embedded import EmbeddedEngine
 
         return EmbeddedEngine(arch, max_batch=cfg.rollout.max_batch)
-    raise NotImplementedError(
-        "rollout.engine=sglang: the SGLang engine (server supervision and CUDA-IPC / NCCL / disk weight "
-        "updates) is not built yet; use rollout.engine=embedded"
-    )
+    from megatron_fipo.rollout.sglang_engine import SGLangEngine
+
+    return SGLangEngine(cfg.rollout, arch, cfg.run_dir)

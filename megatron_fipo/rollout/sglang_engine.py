@@ -1,0 +1,173 @@
+"""The SGLang rollout engine: supervised servers, least-loaded routing, retries, weight updates.
+
+Servers start from a safetensors snapshot of the first weights the bridge sends (so no HF model
+has to exist beforehand), or are given as URLs (launched elsewhere, e.g. disaggregated nodes).
+Requests go to the server with the fewest sequences in flight; a request that meets a dead server
+is retried on the next pick, and the dead server is restarted from the newest snapshot on disk.
+A restarted server may hold older weights than the others until the next update: its samples say
+so in their weight version (the trainer recomputes old logprobs, so they stay usable).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from megatron_fipo.config import RolloutConfig
+from megatron_fipo.model_arch import ModelArch
+from megatron_fipo.rollout.base import Sample, SamplingParams
+from megatron_fipo.rollout.sglang_http import SGLangError, ServerUnavailable
+from megatron_fipo.rollout.sglang_server import SGLangServer
+from megatron_fipo.rollout.sglang_weights import (DiskTransport, DistributedTransport, TensorTransport,
+                                                  set_version)
+
+log = logging.getLogger("megatron_fipo")
+
+
+class SGLangEngine:
+    def __init__(self, cfg: RolloutConfig, arch: ModelArch, run_dir: str | Path):
+        self.cfg = cfg.sglang
+        run_dir = Path(run_dir)
+        self.external = bool(self.cfg.urls)
+        release = cfg.placement == "colocated" and self.cfg.release_memory and not self.external
+        count = len(self.cfg.urls) if self.external else self.cfg.num_servers
+        self.servers = [SGLangServer(self.cfg, i, run_dir / "sglang" / f"server-{i}.log", release) for i in range(count)]
+        for server, url in zip(self.servers, self.cfg.urls):
+            server.url = server.http.url = url.rstrip("/")
+        self.release_memory = release
+        self.snapshots = DiskTransport(run_dir / "rollout_weights", arch)
+        if self.cfg.weight_transport == "tensor":
+            self.transport = TensorTransport()
+        elif self.cfg.weight_transport == "disk":
+            self.transport = self.snapshots
+        else:
+            self.transport = DistributedTransport(self.cfg.host, self.cfg.weights_update_port, self.cfg.distributed_backend)
+        self.weight_version = -1
+        self.snapshot: tuple[Path, int] | None = None  # newest weights on disk: where a restart starts
+        self.started = self.external
+        self.released = False
+        self.in_flight = [0] * len(self.servers)
+        self.lock = threading.Lock()
+        self.recovering = [threading.Lock() for _ in self.servers]
+
+    # ---- weights -----------------------------------------------------------------------------
+    def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> None:
+        if not self.started:
+            path = self.snapshots.write(buckets, version)
+            self.snapshot = (path, version)
+            for server in self.servers:
+                server.start(str(path.resolve()))
+            for server in self.servers:
+                server.wait_healthy()
+            set_version(self.servers, version)
+            self.started = True
+        else:
+            if self.released:  # colocated: the weights must be resident to be overwritten
+                self._each("/resume_memory_occupation", {"tags": ["weights"]})
+            self.transport.push(self.servers, buckets, version)
+            if self.transport is self.snapshots:
+                self.snapshot = (self.snapshots.root / f"v{version}", version)
+            self._each("/flush_cache", {})  # cached prefixes hold KV of the old weights
+        self.weight_version = version
+
+    def pause(self) -> None:
+        if self.release_memory and not self.released:
+            self._each("/release_memory_occupation", {})
+            self.released = True
+
+    def resume(self) -> None:
+        if self.released:
+            self._each("/resume_memory_occupation", {})
+            self.released = False
+
+    def shutdown(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def _each(self, path: str, payload: dict) -> None:
+        for server in self.servers:
+            result = server.http.post(path, payload)
+            if result.get("success") is False:
+                raise SGLangError(f"SGLang server {server.index} {path}: {result.get('message')}")
+
+    # ---- generation --------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams, seed: int) -> list[list[Sample]]:
+        """n samples per prompt. SGLang samples without a caller seed: ``seed`` is not used."""
+        if not self.started:
+            raise RuntimeError("SGLang engine: no weights loaded; call update_weights first")
+        self.resume()
+        flat = [p for p in prompts for _ in range(n)]
+        per = self.cfg.sequences_per_request
+        chunks = [flat[i : i + per] for i in range(0, len(flat), per)]
+        params = {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+                  "max_new_tokens": sampling.max_new_tokens, "stop_token_ids": list(sampling.stop_token_ids),
+                  "skip_special_tokens": False}
+        workers = max(1, min(len(chunks), math.ceil(self.cfg.max_concurrency / per)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(lambda chunk: self._generate_chunk(chunk, params), chunks))
+        samples = [s for chunk in results for s in chunk]
+        return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _generate_chunk(self, chunk: list[list[int]], params: dict) -> list[Sample]:
+        errors = []
+        for _ in range(self.cfg.max_retries + 1):
+            index = self._pick(len(chunk))
+            server = self.servers[index]
+            try:
+                out = server.http.post("/generate", {"input_ids": chunk, "sampling_params": params,
+                                                     "return_logprob": True})
+                samples = [_to_sample(p, o) for p, o in zip(chunk, out if isinstance(out, list) else [out])]
+                if len(samples) != len(chunk):
+                    raise ServerUnavailable(f"{server.url}: {len(samples)} outputs for {len(chunk)} inputs")
+                return samples
+            except ServerUnavailable as err:
+                errors.append(str(err))
+                self._recover(index)
+            finally:
+                with self.lock:
+                    self.in_flight[index] -= len(chunk)
+        raise RuntimeError(f"SGLang: a request failed on {self.cfg.max_retries + 1} tries "
+                           f"(rollout.sglang.max_retries={self.cfg.max_retries}): {errors}")
+
+    def _pick(self, size: int) -> int:
+        with self.lock:
+            index = min(range(len(self.servers)), key=self.in_flight.__getitem__)
+            self.in_flight[index] += size
+            return index
+
+    def _recover(self, index: int) -> None:
+        """Restart a dead managed server (once, however many requests saw it die)."""
+        server = self.servers[index]
+        with self.recovering[index]:
+            if server.alive() and server.http.healthy():
+                return  # another thread already brought it back, or it was a transient error
+            if self.external:
+                log.warning("SGLang server %s is unreachable; retrying elsewhere", server.url)
+                return
+            path, version = self.snapshot
+            server.restart(str(path.resolve()))
+            set_version([server], version)
+            if version != self.weight_version:
+                log.warning("SGLang server %d restarted with weight version %d (current %d) until the next update",
+                            index, version, self.weight_version)
+
+
+def _to_sample(prompt: list[int], out: dict) -> Sample:
+    meta = out["meta_info"]
+    finish = (meta.get("finish_reason") or {}).get("type")
+    if finish not in ("stop", "length"):
+        # An aborted request (server shutting down, weights changing) is retried, never trained on.
+        raise ServerUnavailable(f"request ended with finish_reason {meta.get('finish_reason')!r}")
+    logprobs = [float(entry[0]) for entry in meta["output_token_logprobs"]]
+    response = list(out["output_ids"])
+    if len(logprobs) != len(response):
+        raise SGLangError(f"SGLang returned {len(response)} tokens but {len(logprobs)} logprobs")
+    version = meta.get("weight_version")
+    return Sample(prompt_ids=list(prompt), response_ids=response, logprobs=logprobs, finish_reason=finish,
+                  weight_version=int(version) if version not in (None, "default") else -1)

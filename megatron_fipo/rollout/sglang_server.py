@@ -1,0 +1,107 @@
+"""Launch and supervise one ``sglang.launch_server`` process: start, wait for health, restart, stop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from megatron_fipo.config import SGLangConfig
+from megatron_fipo.rollout.sglang_http import SGLangHTTP
+
+log = logging.getLogger("megatron_fipo")
+
+
+class SGLangServer:
+    """One server process; its stdout/stderr go to ``log_path`` (appended across restarts)."""
+
+    def __init__(self, cfg: SGLangConfig, index: int, log_path: Path, release_memory: bool):
+        self.cfg = cfg
+        self.release_memory = release_memory
+        self.index = index
+        self.port = cfg.base_port + index
+        self.url = f"http://{cfg.host}:{self.port}"
+        self.http = SGLangHTTP(self.url, cfg.api_key, cfg.request_timeout_s)
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+
+    def command(self, model_path: str) -> list[str]:
+        python = self.cfg.python or sys.executable
+        cmd = [python, "-m", "sglang.launch_server", "--model-path", model_path,
+               "--host", self.cfg.host, "--port", str(self.port), "--tp-size", str(self.cfg.tp_size),
+               "--mem-fraction-static", str(self.cfg.mem_fraction_static),
+               # The trainer sends token ids and reads token ids: no tokenizer on the server.
+               "--skip-tokenizer-init"]
+        if self.cfg.api_key:
+            cmd += ["--api-key", self.cfg.api_key]
+        if self.release_memory:
+            # Colocated with training: weights and KV cache can be released while the trainer runs.
+            cmd += ["--enable-memory-saver"]
+        return cmd + list(self.cfg.extra_args)
+
+    def start(self, model_path: str) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = self.command(model_path)
+        log.info("starting SGLang server %d: %s", self.index, " ".join(cmd))
+        with open(self.log_path, "ab") as out:
+            # Its own process group, so stop() also ends the scheduler and detokenizer children.
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def wait_healthy(self) -> None:
+        deadline = time.time() + self.cfg.startup_timeout_s
+        while time.time() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"SGLang server {self.index} exited with code {self.proc.returncode} while starting; "
+                                   f"see {self.log_path}:\n{self.log_tail()}")
+            if self.http.healthy():
+                return
+            time.sleep(1.0)
+        raise TimeoutError(f"SGLang server {self.index} not healthy within rollout.sglang.startup_timeout_s="
+                           f"{self.cfg.startup_timeout_s} s; see {self.log_path}:\n{self.log_tail()}")
+
+    def alive(self) -> bool:
+        return self.proc is None or self.proc.poll() is None  # an external server is assumed alive
+
+    def restart(self, model_path: str) -> None:
+        code = self.proc.poll() if self.proc is not None else None
+        self.restarts += 1
+        log.warning("SGLang server %d (%s) is down (exit code %s); restarting it (restart %d) from %s",
+                    self.index, self.url, code, self.restarts, model_path)
+        self.stop()
+        self.start(model_path)
+        self.wait_healthy()
+
+    def stop(self) -> None:
+        """End the whole process group: a crashed launcher can leave its scheduler holding the port."""
+        if self.proc is None:
+            return
+        _signal_group(self.proc.pid, signal.SIGTERM)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            self.proc.poll()  # reap the launcher so a zombie does not count as alive
+            if not _signal_group(self.proc.pid, 0):
+                break
+            time.sleep(0.2)
+        _signal_group(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to the group; False when no process of it is left."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
