@@ -138,14 +138,31 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
     return data
 
 
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """One YAML config; ``base: other.yaml`` (relative to it) is read first and overlaid."""
+    path = Path(path)
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of config sections")
+    if "base" in data:
+        base = path.parent / str(data.pop("base"))
+        if not base.is_file():
+            raise ConfigError(f"{path}: base: {base} does not exist")
+        data = _deep_merge(read_yaml(base), data)
+    return data
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> T:
     """YAML file (optional) + overrides -> validated ``cls`` instance."""
-    data: dict = {}
-    if path is not None:
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of config sections")
+    data = read_yaml(path) if path is not None else {}
     return from_dict(cls, apply_overrides(data, overrides))
 
 

@@ -35,7 +35,8 @@ class SGLangEngine:
         self.cfg = cfg.sglang
         run_dir = Path(run_dir)
         self.external = bool(self.cfg.urls)
-        release = cfg.placement == "colocated" and self.cfg.release_memory and not self.external
+        # Colocated servers, launched here or by the job script, give their memory to the trainer between phases.
+        release = cfg.placement == "colocated" and self.cfg.release_memory
         count = len(self.cfg.urls) if self.external else self.cfg.num_servers
         self.servers = [SGLangServer(self.cfg, i, run_dir / "sglang" / f"server-{i}.log", release) for i in range(count)]
         for server, url in zip(self.servers, self.cfg.urls):
