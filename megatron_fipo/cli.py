@@ -35,6 +35,21 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from megatron_fipo.bridge.convert import ConvertConfig, convert
+    from megatron_fipo.bridge.mapping import CheckpointMismatch
+
+    cfg = ConvertConfig(source=args.source, target=args.target or "", to=args.to, tensor_model_parallel_size=args.tp,
+                        pipeline_model_parallel_size=args.pp, precision=args.precision, hf_config=args.hf_config,
+                        shard_mb=args.shard_mb, dry_run=args.dry_run)
+    try:
+        convert(cfg)
+    except (CheckpointMismatch, FileNotFoundError) as err:
+        print(f"megatron-fipo convert: {args.source}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _quiet_libraries() -> None:
     """Our own progress at INFO; libraries' per-step deprecation chatter off the console."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -52,6 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("config", help="YAML config, e.g. examples/tiny_cpu.yaml")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run_dir=runs/x trainer.total_steps=5")
     train.set_defaults(func=cmd_train)
+    convert = sub.add_parser("convert", help="HF safetensors <-> Megatron dist checkpoint; torchrun with TP x PP ranks")
+    convert.add_argument("source", help="HF directory (--to megatron); Megatron checkpoint or checkpoints dir (--to hf)")
+    convert.add_argument("target", nargs="?", help="output directory (must not exist or be empty)")
+    convert.add_argument("--to", choices=["megatron", "hf"], required=True)
+    convert.add_argument("--tp", type=int, default=1, help="tensor-parallel size to convert with")
+    convert.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to convert with")
+    convert.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                         help="dtype of the converted weights (auto: the source's)")
+    convert.add_argument("--hf-config", default="",
+                         help="--to hf: HF dir with config.json and tokenizer (default SOURCE/hf_config)")
+    convert.add_argument("--shard-mb", type=float, default=2048, help="--to hf: safetensors shard size")
+    convert.add_argument("--dry-run", action="store_true",
+                         help="print the parameter mapping and check names and shapes; load no weights")
+    convert.set_defaults(func=cmd_convert)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

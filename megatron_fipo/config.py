@@ -64,6 +64,9 @@ class ActorConfig:
     model_config: str = ""
     # Initial weights: a Hugging Face safetensors directory, or empty for random init (tests, tiny job).
     load_hf: str = ""
+    # Or a Megatron dist checkpoint: `megatron-fipo convert --to megatron` output, or a run's checkpoints
+    # directory (its newest step). Model weights only; any TP/PP.
+    load_megatron: str = ""
     precision: Literal["fp32", "bf16"] = "bf16"
     # FP8 Transformer Engine layers on Hopper; null = off. Needs CUDA and transformer-engine.
     fp8: Optional[Literal["delayed", "current"]] = None
@@ -79,6 +82,9 @@ class ActorConfig:
     seed: int = 1234
 
     def __post_init__(self) -> None:
+        if self.load_hf and self.load_megatron:
+            raise ConfigError("actor.load_hf and actor.load_megatron are both set; the initial weights come from one: "
+                              "set the other to ''")
         if self.max_tokens_per_microbatch < 1:
             raise ConfigError("actor.max_tokens_per_microbatch must be >= 1")
         if self.logprob_chunk_size < 1:

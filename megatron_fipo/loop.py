@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_fipo.actor.actor import MegatronActor, build_actor
-from megatron_fipo.actor.checkpoint import latest_step, load_checkpoint, save_checkpoint
+from megatron_fipo.actor.checkpoint import latest_step, load_checkpoint, load_megatron_weights, save_checkpoint
 from megatron_fipo.algo import dynamic_sampling_mask, group_advantages
 from megatron_fipo.bridge.hf_io import HFCheckpointReader
 from megatron_fipo.bridge.weights import iter_hf_buckets, load_hf_weights
@@ -85,7 +85,9 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         self.data: DataBundle = setup_data(cfg, self.run_dir, arch)
         if cfg.actor.load_hf:
-            load_hf_weights(self.actor, HFCheckpointReader(cfg.actor.load_hf).read)
+            load_hf_weights(self.actor, HFCheckpointReader(cfg.actor.load_hf))
+        elif cfg.actor.load_megatron:
+            load_megatron_weights(self.actor, cfg.actor.load_megatron)
         self.engine = build_engine(cfg, arch) if self.is_rank0 else None
         self.scorer = Scorer(cfg.reward, self.data.tokenizer, cfg.rollout.max_response_length)
         self.metrics = MetricsLogger(self.run_dir, cfg.trainer.tensorboard, cfg.trainer.wandb_project,
@@ -342,3 +344,28 @@ def train(cfg: RunConfig) -> dict:
     finally:
         if trainer.engine is not None:
             trainer.engine.shutdown()  # SGLang servers must not outlive the run
+
+
+def evaluate(cfg: RunConfig) -> dict:
+    """avg@k on the eval set for the weights ``actor.load_megatron`` / ``actor.load_hf`` name.
+
+    Writes ``run_dir/eval.json``; the run directory is the evaluation's own, not the trained run's.
+    """
+    trainer = Trainer(cfg)
+    try:
+        trainer._sync_weights(version=0)
+        result = trainer._evaluate()
+    finally:
+        if trainer.engine is not None:
+            trainer.engine.shutdown()
+    summary = {
+        "weights": cfg.actor.load_megatron or cfg.actor.load_hf,
+        "eval_accuracy": result["accuracy"],
+        "mean_response_length": result["response_length"],
+        "eval_problems": len(trainer.data.eval_problems),
+        "samples_per_problem": cfg.rollout.eval_n_samples,
+    }
+    if trainer.is_rank0:
+        (trainer.run_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+        trainer.metrics.close()
+    return summary

@@ -3,6 +3,9 @@
 Layout under ``root``: ``step_00000012/`` (one dist checkpoint per saved step) and ``latest``
 (the newest complete step). A save goes to a hidden temp dir that is renamed only after every rank
 finished writing, so a crash mid-save never leaves a checkpoint that looks complete.
+
+The model's part of a checkpoint is layout-free (sharded tensors with global offsets): model
+weights alone, as ``megatron-fipo convert`` writes them, load at any TP/PP.
 """
 
 from __future__ import annotations
@@ -65,13 +68,15 @@ def _set_rng_state(flat: torch.Tensor) -> None:
     tracker.set_states({n: p.clone() for n, p in zip(names, parts)})
 
 
+def _model_state(chunks: list) -> dict:
+    return {f"model{i}": chunk.sharded_state_dict(prefix="") for i, chunk in enumerate(chunks)}
+
+
 def _sharded_state(actor, is_loading: bool) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     ps = actor.ps
-    model = {}
-    for i, chunk in enumerate(actor.chunks):
-        model[f"model{i}"] = chunk.sharded_state_dict(prefix="")
+    model = _model_state(actor.chunks)
     combined = {k: v for sd in model.values() for k, v in sd.items()}
     state = dict(model)
     # dp_reshardable: every rank writes its own optimizer shard in parallel, and a resume may use
@@ -91,21 +96,36 @@ def _sharded_state(actor, is_loading: bool) -> dict:
     return state
 
 
+def _save_atomically(state: dict, final: Path, files: dict[str, bytes] | None = None) -> None:
+    """dist_checkpointing.save into a hidden sibling of ``final``, renamed once every rank is done.
+
+    ``files`` (relative path -> bytes) are written by rank 0 beside the shards before the rename.
+    """
+    from megatron.core import dist_checkpointing
+
+    tmp = final.with_name(f".tmp_{final.name}")
+    if _rank() == 0:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if _rank() == 0:
+        for name, data in (files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(data)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+
+
 def save_checkpoint(actor, root: str | Path, step: int, extra: dict[str, Any], keep_last: int = 2) -> Path:
     """Save model, optimizer, scheduler, RNG, step and ``extra`` (data position, ...) atomically.
 
     ``extra`` must hold only plain values and tensors: it is loaded with torch.load(weights_only=True).
     """
-    from megatron.core import dist_checkpointing
-
     root = Path(root)
     final = _step_dir(root, step)
-    tmp = root / f".tmp_step_{step:08d}"
-    if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    _barrier()
     state = _sharded_state(actor, is_loading=False)
     state["common"] = {
         "step": step,
@@ -114,11 +134,8 @@ def save_checkpoint(actor, root: str | Path, step: int, extra: dict[str, Any], k
         "scheduler": actor.scheduler.state_dict(),
         "extra": extra,
     }
-    dist_checkpointing.save(state, str(tmp))
-    _barrier()
+    _save_atomically(state, final)
     if _rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
         pointer = root / f".{LATEST}.tmp"
         pointer.write_text(f"{step}\n")
         os.replace(pointer, root / LATEST)
@@ -127,6 +144,45 @@ def save_checkpoint(actor, root: str | Path, step: int, extra: dict[str, Any], k
             shutil.rmtree(_step_dir(root, old), ignore_errors=True)
     _barrier()
     return final
+
+
+def save_model_weights(chunks: list, directory: str | Path, files: dict[str, bytes] | None = None) -> Path:
+    """Model weights alone as one dist checkpoint at ``directory`` (atomic), plus ``files`` beside them."""
+    final = Path(directory)
+    _save_atomically(_model_state(chunks), final, files)
+    _barrier()
+    return final
+
+
+def model_checkpoint_dir(path: str | Path) -> Path:
+    """A dist checkpoint itself, or the newest step of a checkpoints root (the ``latest`` file)."""
+    path = Path(path)
+    step = latest_step(path)
+    if step is not None:
+        return _step_dir(path, step)
+    if (path / "metadata.json").is_file():
+        return path
+    raise FileNotFoundError(f"{path}: not a Megatron dist checkpoint (no metadata.json) and not a checkpoints "
+                            f"directory (no {LATEST!r} file naming a complete step)")
+
+
+@torch.no_grad()
+def load_model_weights(chunks: list, path: str | Path) -> Path:
+    """Model weights only (no optimizer, RNG or step) from a converted or a trainer checkpoint, at any TP/PP."""
+    from megatron.core import dist_checkpointing
+
+    directory = model_checkpoint_dir(path)
+    loaded = dist_checkpointing.load(_model_state(chunks), str(directory))
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded[f"model{i}"])
+    return directory
+
+
+def load_megatron_weights(actor, path: str | Path) -> Path:
+    """``load_model_weights`` into the actor, then into the optimizer's own (fp32 / sharded) copy."""
+    directory = load_model_weights(actor.chunks, path)
+    actor.optimizer.reload_model_params()
+    return directory
 
 
 def _init_empty_adam_state(optimizer) -> None:

@@ -87,12 +87,17 @@ def layer_spec():
     return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=False)
 
 
-def build_model_chunks(arch: ModelArch, actor: ActorConfig, par: ParallelConfig) -> list:
-    """One GPTModel per virtual pipeline stage on this rank (a single one without VPP)."""
+def build_model_chunks(arch: ModelArch, actor: ActorConfig, par: ParallelConfig, initialize: bool = True) -> list:
+    """One GPTModel per virtual pipeline stage on this rank (a single one without VPP).
+
+    ``initialize=False`` leaves the weights uninitialized, for a caller that overwrites them all
+    (checkpoint conversion): random init of a large model on CPU takes minutes.
+    """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     config = transformer_config(arch, actor, par)
+    config.perform_initialization = initialize
     spec = layer_spec()
     chunks = []
     for vp in range(par.virtual_pipeline_model_parallel_size or 1):

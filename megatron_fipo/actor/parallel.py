@@ -58,6 +58,13 @@ def init_process_groups(par: ParallelConfig, seed: int, timeout_minutes: int = 3
             virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
             context_parallel_size=par.context_parallel_size,
         )
+    else:
+        # A process keeps one layout (re-initializing gloo/NCCL under torchrun hangs): say so, loudly.
+        have = (parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_pipeline_model_parallel_world_size())
+        if have != (par.tensor_model_parallel_size, par.pipeline_model_parallel_size):
+            raise RuntimeError(f"this process already runs TP={have[0]}, PP={have[1]}; it cannot switch to "
+                               f"TP={par.tensor_model_parallel_size}, PP={par.pipeline_model_parallel_size}")
     model_parallel_cuda_manual_seed(seed)
 
 

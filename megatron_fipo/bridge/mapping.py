@@ -1,8 +1,8 @@
 """Parameter mapping between Megatron-Core GPTModel and Hugging Face Qwen2 / Llama checkpoints.
 
 Pure tensor logic, no process groups: how one Megatron parameter corresponds to one or more HF
-tensors, how a full HF tensor is cut into a tensor-parallel shard, and how the shards of all TP
-ranks are joined back.
+tensors, how this TP rank's slices of the HF tensors form its shard, how the shards of all TP
+ranks are joined back, and whether an HF checkpoint fits the model at all.
 
 Megatron fuses q/k/v into ``linear_qkv`` interleaved by query group: for each KV group, its
 ``heads / groups`` query heads, then its key head, then its value head. ``linear_fc1`` holds
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
@@ -109,27 +109,30 @@ def _qkv_groups(arch: ModelArch) -> tuple[int, int]:
     return arch.num_kv_heads, arch.num_attention_heads // arch.num_kv_heads
 
 
-def to_megatron_shard(mapping: ParamMapping, hf: list[torch.Tensor], arch: ModelArch, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """Full HF tensor(s) -> this TP rank's Megatron parameter value."""
-    kind = mapping.kind
-    if kind == "replicated":
-        return hf[0]
-    if kind == "column":
-        return hf[0].chunk(tp_size, dim=0)[tp_rank]
-    if kind == "row":
-        return hf[0].chunk(tp_size, dim=1)[tp_rank]
-    if kind == "gate_up":
-        gate, up = hf
-        return torch.cat([gate.chunk(tp_size, dim=0)[tp_rank], up.chunk(tp_size, dim=0)[tp_rank]], dim=0)
-    groups, q_per = _qkv_groups(arch)
-    q, k, v = hf
-    trailing = q.shape[1:]
-    fused = torch.cat([
-        q.reshape(groups, q_per * arch.head_dim, *trailing),
-        k.reshape(groups, arch.head_dim, *trailing),
-        v.reshape(groups, arch.head_dim, *trailing),
-    ], dim=1)
-    return fused.chunk(tp_size, dim=0)[tp_rank].reshape(-1, *trailing)
+def split_dim(kind: Kind) -> Optional[int]:
+    """The dim TP splits, the same on the Megatron parameter and on each of its HF tensors."""
+    return {"replicated": None, "row": 1}.get(kind, 0)
+
+
+def to_megatron_shard(mapping: ParamMapping, hf: list[torch.Tensor], arch: ModelArch) -> torch.Tensor:
+    """This TP rank's chunk of each HF tensor (along ``split_dim``) -> its Megatron parameter value.
+
+    Chunking the HF tensors first is exact for every kind, so a rank never needs the full tensor:
+    rank r's fused QKV rows are the q, k and v rows of its own query groups, and its fc1 rows are
+    its gate chunk followed by its up chunk.
+    """
+    if mapping.kind == "gate_up":
+        return torch.cat(hf, dim=0)
+    if mapping.kind == "qkv":
+        _, q_per = _qkv_groups(arch)
+        q, k, v = hf
+        trailing = q.shape[1:]
+        return torch.cat([
+            q.reshape(-1, q_per * arch.head_dim, *trailing),
+            k.reshape(-1, arch.head_dim, *trailing),
+            v.reshape(-1, arch.head_dim, *trailing),
+        ], dim=1).reshape(-1, *trailing)
+    return hf[0]
 
 
 def from_megatron_shards(mapping: ParamMapping, shards: list[torch.Tensor], arch: ModelArch) -> list[torch.Tensor]:
@@ -150,3 +153,66 @@ def from_megatron_shards(mapping: ParamMapping, shards: list[torch.Tensor], arch
     q, k, v = fused.split([q_per * arch.head_dim, arch.head_dim, arch.head_dim], dim=1)
     return [q.reshape(groups * q_per * arch.head_dim, *trailing), k.reshape(groups * arch.head_dim, *trailing),
             v.reshape(groups * arch.head_dim, *trailing)]
+
+
+# The local spec keeps the layer norms as modules; the Transformer Engine spec fuses them into the linears.
+_SPEC_ONLY = {
+    False: ("self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight"),
+    True: ("input_layernorm.weight", "pre_mlp_layernorm.weight"),
+}
+
+
+def megatron_params(arch: ModelArch, te_spec: bool) -> list[ParamMapping]:
+    """Every parameter of the whole (unsplit) GPTModel, global layer index, with its HF tensors.
+
+    A tied output layer is left out: it is the embedding (a copy on the last stage under PP).
+    """
+    suffixes = [s for s in _LAYER if s not in _SPEC_ONLY[te_spec]
+                and (arch.qkv_bias or s != "self_attention.linear_qkv.bias")]
+    names = ["embedding.word_embeddings.weight"]
+    names += [f"decoder.layers.{i}.{s}" for i in range(arch.num_layers) for s in suffixes]
+    names.append("decoder.final_layernorm.weight")
+    if not arch.tie_word_embeddings:
+        names.append("output_layer.weight")
+    return [map_param(n, 0, arch) for n in names]
+
+
+def megatron_shape(mapping: ParamMapping, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """Full shape of a Megatron parameter, given the HF shapes: fused tensors stack along dim 0."""
+    parts = [shapes[n] for n in mapping.hf_names]
+    return (sum(p[0] for p in parts), *parts[0][1:])
+
+
+def shard_shape(shape: tuple[int, ...], kind: Kind, tp_size: int) -> tuple[int, ...]:
+    dim = split_dim(kind)
+    if dim is None:
+        return shape
+    return tuple(n // tp_size if i == dim else n for i, n in enumerate(shape))
+
+
+class CheckpointMismatch(ValueError):
+    """An HF checkpoint's tensors do not fit the model its config.json describes."""
+
+
+def check_hf_tensors(found: dict[str, tuple[int, ...]], arch: ModelArch, te_spec: bool) -> None:
+    """Raise CheckpointMismatch listing every missing, unexpected or misshapen HF tensor.
+
+    Each problem names both sides: the HF tensor and the Megatron parameter built from it.
+    """
+    expected = hf_shapes(arch)
+    owner = {n: m for m in megatron_params(arch, te_spec) for n in m.hf_names}
+    problems = []
+    for name, shape in expected.items():
+        param = owner[name]
+        wanted = f"Megatron {param.megatron_name} {list(megatron_shape(param, expected))}"
+        if name not in found:
+            problems.append(f"missing HF tensor {name} {list(shape)}, needed by {wanted}")
+        elif tuple(found[name]) != shape:
+            problems.append(f"shape mismatch: HF {name} is {list(found[name])}, {wanted} needs it {list(shape)}")
+    for name in sorted(found.keys() - expected.keys()):
+        if name == "lm_head.weight" and arch.tie_word_embeddings:
+            continue  # some writers keep the tied copy; the weight is the embedding
+        problems.append(f"unexpected HF tensor {name} {list(found[name])}: no Megatron parameter maps to it")
+    if problems:
+        raise CheckpointMismatch(f"{len(problems)} tensor(s) do not fit the model of config.json:\n  "
+                                 + "\n  ".join(problems))

@@ -1,19 +1,30 @@
-"""Move weights between a running Megatron actor and HF-named full tensors.
+"""Move weights between a running Megatron model and HF-named full tensors.
 
-``load_hf_weights`` cuts each HF tensor into this rank's shard (streaming, one tensor at a time).
-``iter_hf_buckets`` gathers TP shards and collects PP stages into full HF tensors, delivered to
-global rank 0 in size-bounded buckets: no rank ever holds more than one bucket plus one parameter.
+``load_hf_weights`` reads this rank's chunk of each HF tensor and builds its shard (streaming, one
+parameter at a time). ``iter_hf_buckets`` gathers TP shards and collects PP stages into full HF
+tensors, delivered to global rank 0 in size-bounded buckets: no rank ever holds more than one
+bucket plus one parameter.
+
+Both take the actor, or ``ModelShards`` (model chunks without an optimizer, as checkpoint
+conversion builds them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional, Protocol
 
 import torch
 import torch.distributed as dist
 
-from megatron_fipo.bridge.mapping import ParamMapping, from_megatron_shards, hf_shapes, map_param, to_megatron_shard
+from megatron_fipo.bridge.mapping import (
+    ParamMapping,
+    from_megatron_shards,
+    hf_shapes,
+    map_param,
+    split_dim,
+    to_megatron_shard,
+)
 from megatron_fipo.model_arch import ModelArch
 
 SINK_RANK = 0  # global rank 0 is TP 0, PP 0, DP 0 in Megatron's rank order
@@ -36,26 +47,53 @@ def _local_mappings(actor) -> list[tuple[ParamMapping, torch.nn.Parameter]]:
     return out
 
 
-@torch.no_grad()
-def load_hf_weights(actor, read: Callable[[str], torch.Tensor]) -> None:
-    """Set every local parameter from HF tensors; ``read(name)`` returns one full tensor.
+class HFShardSource(Protocol):
+    def read_shard(self, name: str, dim: Optional[int], rank: int, parts: int) -> torch.Tensor:
+        """Chunk ``rank`` of ``parts`` of HF tensor ``name`` along ``dim`` (all of it for None)."""
+        ...
 
-    A shape mismatch raises ValueError naming both sides.
+
+@dataclass
+class ModelShards:
+    """This rank's model chunks and architecture, without an optimizer."""
+
+    chunks: list
+    arch: ModelArch
+
+    @property
+    def ps(self):
+        from megatron.core import parallel_state
+
+        return parallel_state
+
+
+@torch.no_grad()
+def copy_hf_weights(model, source: HFShardSource, on_param: Callable[[], None] = lambda: None) -> None:
+    """Set every local parameter from HF tensors, reading only this TP rank's chunk of each.
+
+    A shape mismatch raises ValueError naming both sides. ``on_param`` runs after each parameter.
     """
-    ps = actor.ps
+    ps = model.ps
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    for chunk in actor.chunks:
+    for chunk in model.chunks:
         offset = layer_offset(chunk)
         for name, param in chunk.named_parameters():
-            mapping = map_param(name, offset, actor.arch)
-            value = to_megatron_shard(mapping, [read(n) for n in mapping.hf_names], actor.arch, tp_rank, tp_size)
+            mapping = map_param(name, offset, model.arch)
+            dim = split_dim(mapping.kind)
+            value = to_megatron_shard(mapping, [source.read_shard(n, dim, tp_rank, tp_size) for n in mapping.hf_names],
+                                      model.arch)
             if value.shape != param.shape:
                 raise ValueError(
                     f"shape mismatch: HF {', '.join(mapping.hf_names)} gives {tuple(value.shape)} for TP rank "
                     f"{tp_rank}/{tp_size}, Megatron {name} is {tuple(param.shape)}"
                 )
             param.copy_(value)
-    # The optimizer keeps its own (fp32 / sharded) copy of the parameters.
+            on_param()
+
+
+def load_hf_weights(actor, source: HFShardSource) -> None:
+    """``copy_hf_weights`` into the actor, then into the optimizer's own (fp32 / sharded) copy."""
+    copy_hf_weights(actor, source)
     actor.optimizer.reload_model_params()
 
 

@@ -52,7 +52,7 @@ def main() -> None:
         sections = from_dict(TrainerSections, data)
         reader = HFCheckpointReader(hf_dir)
         actor = build_actor(sections, reader.arch())
-        load_hf_weights(actor, reader.read)
+        load_hf_weights(actor, reader)
         return actor
 
     def measure(actor, tag, seqs, adv, noise):
