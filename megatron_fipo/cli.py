@@ -35,6 +35,23 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from megatron_fipo.validation import validate_run
+
+    cfg = _load(args.config, args.overrides)
+    if not (cfg.actor.load_megatron or cfg.actor.load_hf):
+        raise ConfigError("eval needs weights: actor.load_megatron=RUN_DIR/checkpoints (a run's newest step) "
+                          "or actor.load_hf=HF_DIR")
+    validate_run(cfg)
+    from megatron_fipo.loop import evaluate
+
+    summary = evaluate(cfg)
+    print(json.dumps(summary, indent=2))
+    print(f"eval accuracy {100 * summary['eval_accuracy']:.1f}% (avg@{summary['samples_per_problem']} over "
+          f"{summary['eval_problems']} problems); written to {cfg.run_dir}/eval.json")
+    return 0
+
+
 def cmd_convert(args) -> int:
     from megatron_fipo.bridge.convert import ConvertConfig, convert
     from megatron_fipo.bridge.mapping import CheckpointMismatch
@@ -67,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("config", help="YAML config, e.g. examples/tiny_cpu.yaml")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run_dir=runs/x trainer.total_steps=5")
     train.set_defaults(func=cmd_train)
+    evaluate = sub.add_parser("eval", help="avg@k on the eval set for actor.load_megatron / actor.load_hf weights")
+    evaluate.add_argument("config", help="the run's YAML config (its RUN_DIR/config.yaml works)")
+    evaluate.add_argument("overrides", nargs="*",
+                          help="e.g. run_dir=runs/x-eval actor.load_megatron=runs/x/checkpoints rollout.eval_n_samples=32")
+    evaluate.set_defaults(func=cmd_eval)
     convert = sub.add_parser("convert", help="HF safetensors <-> Megatron dist checkpoint; torchrun with TP x PP ranks")
     convert.add_argument("source", help="HF directory (--to megatron); Megatron checkpoint or checkpoints dir (--to hf)")
     convert.add_argument("target", nargs="?", help="output directory (must not exist or be empty)")

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_fipo.actor.actor import MegatronActor, build_actor
-from megatron_fipo.actor.checkpoint import latest_step, load_checkpoint, load_megatron_weights, save_checkpoint
+from megatron_fipo.actor.checkpoint import (latest_step, load_checkpoint, load_megatron_weights, model_checkpoint_dir,
+                                           save_checkpoint)
 from megatron_fipo.algo import dynamic_sampling_mask, group_advantages
 from megatron_fipo.bridge.hf_io import HFCheckpointReader
 from megatron_fipo.bridge.weights import iter_hf_buckets, load_hf_weights
@@ -350,16 +351,22 @@ def evaluate(cfg: RunConfig) -> dict:
     """avg@k on the eval set for the weights ``actor.load_megatron`` / ``actor.load_hf`` name.
 
     Writes ``run_dir/eval.json``; the run directory is the evaluation's own, not the trained run's.
+    A training run's checkpoint is scored with the sampling seed that run used at that step, so the
+    embedded engine reproduces the run's own eval exactly.
     """
     trainer = Trainer(cfg)
+    if cfg.actor.load_megatron:
+        source = model_checkpoint_dir(cfg.actor.load_megatron).name
+        trainer.state.step = int(source.removeprefix("step_")) if source.startswith("step_") else 0
     try:
-        trainer._sync_weights(version=0)
+        trainer._sync_weights(version=trainer.state.step)
         result = trainer._evaluate()
     finally:
         if trainer.engine is not None:
             trainer.engine.shutdown()
     summary = {
         "weights": cfg.actor.load_megatron or cfg.actor.load_hf,
+        "step": trainer.state.step,
         "eval_accuracy": result["accuracy"],
         "mean_response_length": result["response_length"],
         "eval_problems": len(trainer.data.eval_problems),

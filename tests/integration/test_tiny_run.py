@@ -76,6 +76,20 @@ def test_outputs_of_a_run(uninterrupted):
     assert "eval accuracy" in proc.stdout and "curves:" in proc.stdout
 
 
+def test_eval_of_the_final_checkpoint_reproduces_the_runs_own_eval(uninterrupted, tmp_path):
+    run_dir, _ = uninterrupted
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_fipo.cli", "eval", str(run_dir / "config.yaml"), f"run_dir={tmp_path}",
+         f"actor.load_megatron={run_dir / 'checkpoints'}", f"data.tokenizer_path={run_dir / 'tokenizer.model'}"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "eval.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert result["step"] == 4 and result["eval_problems"] == 8
+    assert result["eval_accuracy"] == summary["eval_accuracy_end"]
+    assert result["mean_response_length"] == summary["mean_response_length_end"]
+
+
 def test_sigkill_then_rerun_resumes_to_the_same_result(uninterrupted, tmp_path):
     ref_dir, _ = uninterrupted
     proc = subprocess.Popen(_cmd(tmp_path), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
