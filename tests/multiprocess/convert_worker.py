@@ -7,9 +7,11 @@ ROOT holds hf_untied/ and hf_tied/; each stage reads what the earlier ones wrote
                    Megatron (written at TP=1) -> HF at TP=2           -> hf_from_tp1_at_tp2_{tag}
                    logprobs at TP=2 of actors loaded from HF and from the TP=1 Megatron checkpoint;
                    of a trained actor and of one loaded from its run checkpoint -> logprobs_{tag}.pt
+                   the trained actor's weights, exported by the bridge -> hf_trained_{tag}
   pp2 (2 ranks):   HF -> Megatron at PP=2                             -> mcore_pp2_{tag}
                    Megatron (written at TP=2) -> HF at PP=2           -> hf_from_tp2_at_pp2_{tag}
                    Megatron (written at PP=2) -> HF at PP=2           -> hf_from_pp2_at_pp2_{tag}
+                   the run checkpoint (written at TP=2) -> HF at PP=2 -> hf_from_run_at_pp2_{tag}
 Conversions go through the CLI entry point, as `megatron-fipo convert` runs them.
 """
 
@@ -29,8 +31,8 @@ def logprobs(root: str, tag: str) -> None:
 
     from megatron_fipo.actor.actor import build_actor
     from megatron_fipo.actor.checkpoint import load_megatron_weights, save_checkpoint
-    from megatron_fipo.bridge.hf_io import HFCheckpointReader
-    from megatron_fipo.bridge.weights import load_hf_weights
+    from megatron_fipo.bridge.hf_io import HFCheckpointReader, write_hf_checkpoint
+    from megatron_fipo.bridge.weights import iter_hf_buckets, load_hf_weights
     from megatron_fipo.config import ActorConfig, OptimConfig, ParallelConfig, TrainerSections
     from megatron_fipo.sequences import SequenceBatch
 
@@ -52,6 +54,12 @@ def logprobs(root: str, tag: str) -> None:
     from_hf.sft_step(batch)
     results["trained"] = from_hf.compute_logprobs(batch)[0]
     save_checkpoint(from_hf, f"{root}/run_{tag}", step=1, extra={})
+    buckets = iter_hf_buckets(from_hf, bucket_bytes=1 << 30)
+    if torch.distributed.get_rank() == 0:
+        write_hf_checkpoint(f"{root}/hf_trained_{tag}", buckets, from_hf.arch)
+    else:
+        for _ in buckets:
+            pass
     from_run = build_actor(sections)
     load_megatron_weights(from_run, f"{root}/run_{tag}")
     results["trainer_checkpoint"] = from_run.compute_logprobs(batch)[0]
@@ -74,6 +82,8 @@ def main() -> None:
             convert("--to", "megatron", hf, f"{root}/mcore_pp2_{tag}", "--pp", "2")
             convert("--to", "hf", f"{root}/mcore_tp2_{tag}", f"{root}/hf_from_tp2_at_pp2_{tag}", "--pp", "2")
             convert("--to", "hf", f"{root}/mcore_pp2_{tag}", f"{root}/hf_from_pp2_at_pp2_{tag}", "--pp", "2")
+            convert("--to", "hf", f"{root}/run_{tag}", f"{root}/hf_from_run_at_pp2_{tag}", "--pp", "2",
+                    "--hf-config", hf)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,18 @@ def test_multiple_shards_and_transformers_loads_the_output(root):
 
 
 @pytest.mark.parametrize("tag", TAGS)
+def test_a_runs_checkpoint_converts_to_hf(root, tag):
+    trained, original = _tensors(root / f"hf_trained_{tag}"), _tensors(root / f"hf_{tag}")
+    exported = _tensors(root / f"hf_from_run_at_pp2_{tag}")
+    assert exported.keys() == trained.keys()
+    assert all(torch.equal(exported[n], t) for n, t in trained.items())
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(exported[name], original[name])  # the weights trained
+    config = root / f"hf_from_run_at_pp2_{tag}" / "config.json"
+    assert config.read_bytes() == (root / f"hf_{tag}" / "config.json").read_bytes()  # from --hf-config
+
+
+@pytest.mark.parametrize("tag", TAGS)
 def test_megatron_checkpoint_written_at_tp1_loads_at_tp2(root, tag):
     res = torch.load(root / f"logprobs_{tag}.pt", weights_only=True)
     assert res["hf"].abs().sum() > 0
