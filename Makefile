@@ -9,7 +9,7 @@ run:
 	.venv/bin/megatron-fipo train examples/tiny_cpu.yaml run_dir=$(RUN_DIR)
 
 test:
-	@scripts/setup_env.sh requirements-test.txt
+	@scripts/setup_env.sh requirements-test.txt requirements-test-nodeps.txt
 	@tools/sglang_cpu/setup.sh
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create or update .venv (Python 3.12) from the pinned requirements; a no-op when nothing changed.
-# Usage: scripts/setup_env.sh [extra-requirements-file ...]
+# Usage: scripts/setup_env.sh [extra-requirements-file ...]   (*-nodeps.txt files install with --no-deps)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,9 +25,14 @@ reqs=(requirements.txt "$@")
 stamp=".venv/.installed-$(cat "${reqs[@]}" pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
     echo "installing ${reqs[*]} into .venv (first run downloads torch: a few minutes)"
-    args=()
-    for r in "${reqs[@]}"; do args+=(-r "$r"); done
+    args=() nodeps=()
+    # A *-nodeps.txt file names packages installed without their declared dependencies (which
+    # include CUDA-only builds); what they really need is pinned in the other files.
+    for r in "${reqs[@]}"; do
+        if [[ $r == *-nodeps.txt ]]; then nodeps+=(-r "$r"); else args+=(-r "$r"); fi
+    done
     .venv/bin/python -m pip install -q "${args[@]}"
+    if [ ${#nodeps[@]} -gt 0 ]; then .venv/bin/python -m pip install -q --no-deps "${nodeps[@]}"; fi
     .venv/bin/python -m pip install -q --no-deps -e .
     touch "$stamp"
 fi
