@@ -79,6 +79,9 @@ def _sharded_state(actor, is_loading: bool) -> dict:
     model = _model_state(actor.chunks)
     combined = {k: v for sd in model.values() for k, v in sd.items()}
     state = dict(model)
+    # A never-stepped optimizer (checkpoint before the first update) has no state to describe;
+    # all-zero Adam state at step 0 is what its first step would start from anyway.
+    _init_empty_adam_state(actor.optimizer)
     # dp_reshardable: every rank writes its own optimizer shard in parallel, and a resume may use
     # a different DP size (TP/PP must match: convert through HF weights to change those).
     state["optimizer"] = actor.optimizer.sharded_state_dict(
@@ -230,7 +233,6 @@ def load_checkpoint(actor, root: str | Path) -> Optional[dict[str, Any]]:
     step = latest_step(root)
     if step is None:
         return None
-    _init_empty_adam_state(actor.optimizer)
     template = _sharded_state(actor, is_loading=True)
     loaded = dist_checkpointing.load(template, str(_step_dir(Path(root), step)))
     for i, chunk in enumerate(actor.chunks):

@@ -110,6 +110,14 @@ def test_sigkill_then_rerun_resumes_to_the_same_result(uninterrupted, tmp_path):
         assert summary[key] == ref_summary[key], key
 
 
+def test_checkpoint_before_any_update_then_resume(tmp_path):
+    """Without a warm start the first checkpoint (after the step-0 eval) holds a never-stepped optimizer."""
+    _run(tmp_path, "trainer.warmup_sft_steps=0", "trainer.total_steps=1")
+    _run(tmp_path, "trainer.warmup_sft_steps=0", "trainer.total_steps=2")
+    assert [r["step"] for r in _metrics(tmp_path)] == [0, 1, 2]
+    assert json.loads((tmp_path / "summary.json").read_text())["optimizer_steps"] == 4
+
+
 def test_sigterm_checkpoints_and_exits_zero(tmp_path):
     proc = subprocess.Popen(_cmd(tmp_path), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(tmp_path, proc, 1)
