@@ -52,6 +52,38 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_launch(args) -> int:
+    import subprocess
+    from pathlib import Path
+
+    from megatron_fipo.config_base import save_config
+
+    cfg = _load(args.config, args.overrides)
+    repo = str(Path.cwd().resolve())
+    launch_dir = Path(cfg.run_dir) / "launch"
+    launch_dir.mkdir(parents=True, exist_ok=True)
+    config_path = str((launch_dir / "config.yaml").resolve())
+    save_config(cfg, config_path)  # what runs is what was launched, whatever the YAML becomes later
+    if args.backend == "slurm":
+        from megatron_fipo.launch.sbatch import render_sbatch
+
+        script = launch_dir / "job.sbatch"
+        script.write_text(render_sbatch(cfg, config_path, repo))
+        if args.dry_run:
+            print(script.read_text(), end="")
+            return 0
+        out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"megatron-fipo launch: sbatch {script} failed: {out.stderr.strip()}", file=sys.stderr)
+            return out.returncode
+        print(f"submitted job {out.stdout.strip().split(';')[0]}: {script}")
+        return 0
+    from megatron_fipo.launch.nemo_run import run_experiment
+
+    run_experiment(cfg, config_path, repo, args.executor, args.dry_run)
+    return 0
+
+
 def cmd_convert(args) -> int:
     from megatron_fipo.bridge.convert import ConvertConfig, convert
     from megatron_fipo.bridge.mapping import CheckpointMismatch
@@ -89,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("overrides", nargs="*",
                           help="e.g. run_dir=runs/x-eval actor.load_megatron=runs/x/checkpoints rollout.eval_n_samples=32")
     evaluate.set_defaults(func=cmd_eval)
+    launch = sub.add_parser("launch", help="run on a cluster: an sbatch script, or a NeMo-Run experiment")
+    launch.add_argument("backend", choices=["slurm", "nemo-run"])
+    launch.add_argument("config", help="YAML config; launch.* places the job (nodes, GPUs, partition, ...)")
+    launch.add_argument("overrides", nargs="*", help="key=value overrides, e.g. launch.partition=batch launch.nodes=16")
+    launch.add_argument("--executor", choices=["local", "slurm"], default="slurm", help="nemo-run: where it runs")
+    launch.add_argument("--dry-run", action="store_true", help="print the job (script or experiment) without running it")
+    launch.set_defaults(func=cmd_launch)
     convert = sub.add_parser("convert", help="HF safetensors <-> Megatron dist checkpoint; torchrun with TP x PP ranks")
     convert.add_argument("source", help="HF directory (--to megatron); Megatron checkpoint or checkpoints dir (--to hf)")
     convert.add_argument("target", nargs="?", help="output directory (must not exist or be empty)")

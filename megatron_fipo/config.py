@@ -221,9 +221,53 @@ class TrainerConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """How `megatron-fipo launch slurm|nemo-run` places the job on a cluster."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8  # GPUs requested per node; 0 for a CPU job
+    nproc_per_node: int = 8  # trainer processes per node (torchrun)
+    # Disaggregated rollouts: the last sglang_nodes nodes run only SGLang servers.
+    sglang_nodes: int = 0
+    time: str = "24:00:00"
+    partition: str = ""
+    account: str = ""
+    job_name: str = "megatron-fipo"
+    container_image: str = ""  # pyxis/enroot image; empty = the nodes' own environment
+    container_mounts: list[str] = field(default_factory=list)
+    sbatch_directives: list[str] = field(default_factory=list)  # extra #SBATCH options, e.g. --exclusive
+    env: dict[str, str] = field(default_factory=dict)
+    python: str = ".venv/bin/python"  # on the nodes, relative to the repo
+    rdzv_port: int = 29500
+    requeue: bool = False
+    # Slurm sends SIGTERM this long before the time limit; the trainer checkpoints and exits 0.
+    preempt_notice_s: int = 120
+    # NeMo-Run's Slurm executor reaches the cluster through this tunnel: local (on a login node) or ssh.
+    tunnel: Literal["local", "ssh"] = "local"
+    ssh_host: str = ""
+    ssh_user: str = ""
+    remote_job_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ConfigError(f"launch.nodes must be >= 1, got {self.nodes}")
+        if self.nproc_per_node < 1 or self.gpus_per_node < 0:
+            raise ConfigError("launch.nproc_per_node must be >= 1 and launch.gpus_per_node >= 0")
+        if self.gpus_per_node and self.nproc_per_node > self.gpus_per_node:
+            raise ConfigError(f"launch.nproc_per_node ({self.nproc_per_node}) exceeds launch.gpus_per_node "
+                              f"({self.gpus_per_node}): one trainer process per GPU")
+        if not 0 <= self.sglang_nodes < self.nodes:
+            raise ConfigError(f"launch.sglang_nodes ({self.sglang_nodes}) must leave at least one of the "
+                              f"{self.nodes} launch.nodes for training")
+        if self.tunnel == "ssh" and not self.ssh_host:
+            raise ConfigError("launch.ssh_host: set it for launch.tunnel=ssh")
+
+
+@dataclass
 class RunConfig(TrainerSections):
     run_dir: str = "runs/default"
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)

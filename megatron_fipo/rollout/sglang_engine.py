@@ -59,6 +59,9 @@ class SGLangEngine:
 
     # ---- weights -----------------------------------------------------------------------------
     def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> None:
+        if self.external and self.weight_version < 0:
+            for server in self.servers:  # started by the job script; they may still be loading
+                server.wait_healthy()
         if not self.started:
             path = self.snapshots.write(buckets, version)
             self.snapshot = (path, version)

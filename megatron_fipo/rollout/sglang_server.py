@@ -16,6 +16,24 @@ from megatron_fipo.rollout.sglang_http import SGLangHTTP
 log = logging.getLogger("megatron_fipo")
 
 
+def server_command(cfg: SGLangConfig, model_path: str, host: str, port: int | str, release_memory: bool,
+                   base_gpu_id: int | str | None = None) -> list[str]:
+    """The sglang.launch_server command line, for the trainer's own servers and for job scripts."""
+    cmd = [cfg.python or sys.executable, "-m", "sglang.launch_server", "--model-path", model_path,
+           "--host", host, "--port", str(port), "--tp-size", str(cfg.tp_size),
+           "--mem-fraction-static", str(cfg.mem_fraction_static),
+           # The trainer sends token ids and reads token ids: no tokenizer on the server.
+           "--skip-tokenizer-init"]
+    if base_gpu_id is not None:
+        cmd += ["--base-gpu-id", str(base_gpu_id)]
+    if cfg.api_key:
+        cmd += ["--api-key", cfg.api_key]
+    if release_memory:
+        # Colocated with training: weights and KV cache can be released while the trainer runs.
+        cmd += ["--enable-memory-saver"]
+    return cmd + list(cfg.extra_args)
+
+
 class SGLangServer:
     """One server process; its stdout/stderr go to ``log_path`` (appended across restarts)."""
 
@@ -31,18 +49,7 @@ class SGLangServer:
         self.restarts = 0
 
     def command(self, model_path: str) -> list[str]:
-        python = self.cfg.python or sys.executable
-        cmd = [python, "-m", "sglang.launch_server", "--model-path", model_path,
-               "--host", self.cfg.host, "--port", str(self.port), "--tp-size", str(self.cfg.tp_size),
-               "--mem-fraction-static", str(self.cfg.mem_fraction_static),
-               # The trainer sends token ids and reads token ids: no tokenizer on the server.
-               "--skip-tokenizer-init"]
-        if self.cfg.api_key:
-            cmd += ["--api-key", self.cfg.api_key]
-        if self.release_memory:
-            # Colocated with training: weights and KV cache can be released while the trainer runs.
-            cmd += ["--enable-memory-saver"]
-        return cmd + list(self.cfg.extra_args)
+        return server_command(self.cfg, model_path, self.cfg.host, self.port, self.release_memory)
 
     def start(self, model_path: str) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
