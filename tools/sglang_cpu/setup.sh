@@ -10,6 +10,6 @@ if [ ! -x .venv-sglang/bin/python ]; then
     "$(.venv/bin/python -c 'import sys; print(sys._base_executable)')" -m venv .venv-sglang
     .venv-sglang/bin/python -m pip install -q --upgrade pip
 fi
-echo "installing SGLang into .venv-sglang for the real-server CPU tests (first run: ~15 minutes, ~10 GB)"
+echo "installing SGLang into .venv-sglang for the real-server CPU tests (first run: about 6 minutes, 11 GB)"
 .venv-sglang/bin/python -m pip install -q -r "$req"
 touch "$stamp"
