@@ -18,6 +18,9 @@ class ParallelConfig:
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
+    # Collectives wait this long: training ranks sit in a broadcast while rank 0 drives a rollout,
+    # which at 32B and 20k-token responses takes far longer than Megatron's default 10 minutes.
+    distributed_timeout_minutes: int = 30
 
     def __post_init__(self) -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):

@@ -26,7 +26,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_process_groups(par: ParallelConfig, seed: int, timeout_minutes: int = 30) -> None:
+def init_process_groups(par: ParallelConfig, seed: int) -> None:
     """torch.distributed (NCCL on GPU, gloo on CPU) plus Megatron's TP/PP/CP/DP groups and RNG."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -49,7 +49,7 @@ def init_process_groups(par: ParallelConfig, seed: int, timeout_minutes: int = 3
             "nccl" if torch.cuda.is_available() else "gloo",
             rank=rank,
             world_size=world,
-            timeout=timedelta(minutes=timeout_minutes),
+            timeout=timedelta(minutes=par.distributed_timeout_minutes),
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
