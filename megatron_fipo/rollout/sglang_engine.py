@@ -3,7 +3,8 @@
 Servers start from a safetensors snapshot of the first weights the bridge sends (so no HF model
 has to exist beforehand), or are given as URLs (launched elsewhere, e.g. disaggregated nodes).
 Requests go to the server with the fewest sequences in flight; a request that meets a dead server
-is retried on the next pick, and the dead server is restarted from the newest snapshot on disk.
+is retried at once on another server, while the dead one is restarted in the background from the
+newest snapshot on disk and rejoins the routing when healthy.
 A restarted server may hold older weights than the others until the next update: its samples say
 so in their weight version (the trainer recomputes old logprobs, so they stay usable).
 """
@@ -54,11 +55,20 @@ class SGLangEngine:
         self.started = self.external
         self.released = False
         self.in_flight = [0] * len(self.servers)
+        self.served = [0] * len(self.servers)  # sequences each server completed: the routing's record
         self.lock = threading.Lock()
-        self.recovering = [threading.Lock() for _ in self.servers]
+        self.changed = threading.Condition(self.lock)  # a server left or rejoined the routing
+        self.down: set[int] = set()  # servers being recovered
 
     # ---- weights -----------------------------------------------------------------------------
+    def wait_for_recoveries(self) -> None:
+        """Block until no server is being restarted (an update must reach every server)."""
+        with self.changed:
+            while self.down:
+                self.changed.wait()
+
     def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> None:
+        self.wait_for_recoveries()
         if self.external and self.weight_version < 0:
             for server in self.servers:  # started by the job script; they may still be loading
                 server.wait_healthy()
@@ -129,10 +139,12 @@ class SGLangEngine:
                 samples = [_to_sample(p, o) for p, o in zip(chunk, out if isinstance(out, list) else [out])]
                 if len(samples) != len(chunk):
                     raise ServerUnavailable(f"{server.url}: {len(samples)} outputs for {len(chunk)} inputs")
+                with self.lock:
+                    self.served[index] += len(samples)
                 return samples
             except ServerUnavailable as err:
                 errors.append(str(err))
-                self._recover(index)
+                self._report_dead(index)
             finally:
                 with self.lock:
                     self.in_flight[index] -= len(chunk)
@@ -140,19 +152,30 @@ class SGLangEngine:
                            f"(rollout.sglang.max_retries={self.cfg.max_retries}): {errors}")
 
     def _pick(self, size: int) -> int:
-        with self.lock:
-            index = min(range(len(self.servers)), key=self.in_flight.__getitem__)
+        """The live server with the fewest sequences in flight; waits while every server is recovering."""
+        with self.changed:
+            while len(self.down) == len(self.servers):
+                self.changed.wait()
+            index = min((i for i in range(len(self.servers)) if i not in self.down), key=self.in_flight.__getitem__)
             self.in_flight[index] += size
             return index
 
+    def _report_dead(self, index: int) -> None:
+        """Take the server out of routing and recover it in the background (once, however many saw it fail)."""
+        with self.lock:
+            if index in self.down:
+                return
+            self.down.add(index)
+        threading.Thread(target=self._recover, args=(index,), name=f"sglang-recover-{index}", daemon=True).start()
+
     def _recover(self, index: int) -> None:
-        """Restart a dead managed server (once, however many requests saw it die)."""
         server = self.servers[index]
-        with self.recovering[index]:
+        try:
             if server.alive() and server.http.healthy():
-                return  # another thread already brought it back, or it was a transient error
-            if self.external:
-                log.warning("SGLang server %s is unreachable; retrying elsewhere", server.url)
+                return  # a transient error
+            if self.external:  # its own supervisor (the job script's srun) must bring it back
+                log.warning("SGLang server %s is unreachable; routing around it until it answers again", server.url)
+                server.wait_healthy()
                 return
             path, version = self.snapshot
             server.restart(str(path.resolve()))
@@ -160,6 +183,12 @@ class SGLangEngine:
             if version != self.weight_version:
                 log.warning("SGLang server %d restarted with weight version %d (current %d) until the next update",
                             index, version, self.weight_version)
+        except Exception:  # noqa: BLE001 - back in routing either way; its requests then fail and say why
+            log.exception("SGLang server %d (%s) could not be recovered", index, server.url)
+        finally:
+            with self.changed:
+                self.down.discard(index)
+                self.changed.notify_all()
 
 
 def _to_sample(prompt: list[int], out: dict) -> Sample:

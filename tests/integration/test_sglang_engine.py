@@ -53,7 +53,8 @@ def setup(tmp_path_factory):
     names = hf_names(arch)
     cfg = RolloutConfig(engine="sglang", sglang=SGLangConfig(
         python=str(SGLANG_PYTHON), base_port=free_port(), mem_fraction_static=0.05, extra_args=CPU_ARGS, api_key=API_KEY,
-        release_memory=False, weight_transport="tensor", sequences_per_request=4, startup_timeout_s=300))
+        release_memory=False, weight_transport="tensor", sequences_per_request=2, startup_timeout_s=300,
+        num_servers=2))
     engine = SGLangEngine(cfg, arch, root / "run")
     engine.update_weights(_buckets(readers[0], names), version=0)  # launches the server from a snapshot
     references = []
@@ -86,6 +87,7 @@ def test_weight_updates_change_greedy_output_to_the_embedded_engines(setup):
     engine, readers, references, names, arch, root = setup
     before = _greedy(engine)
     _assert_same_greedy(before, _greedy(references[0]))
+    assert all(n > 0 for n in engine.served), f"least-loaded routing left a server idle: {engine.served}"
     assert {s.weight_version for g in before for s in g} == {0}
 
     # update_weights_from_tensor (shared memory on a CPU) with new weights: output follows them.
@@ -118,7 +120,8 @@ def test_sampled_logprobs_match_the_embedded_engine(setup):
 
 def test_killed_server_mid_batch_loses_no_prompt(setup, caplog):
     engine, readers, references, names, arch, root = setup
-    server = engine.servers[0]
+    server, other = engine.servers
+    served_before = list(engine.served)
     prompts = [[i % 200 + 1, 7, 9] for i in range(48)]
     sampling = SamplingParams(temperature=1.0, max_new_tokens=200)
     out: dict = {}
@@ -133,7 +136,10 @@ def test_killed_server_mid_batch_loses_no_prompt(setup, caplog):
     groups = out["groups"]
     assert len(groups) == len(prompts) and all(len(g) == 2 for g in groups)
     assert all(s.prompt_ids == p and 1 <= len(s.response_ids) <= 200 for p, g in zip(prompts, groups) for s in g)
-    assert server.restarts == 1
+    engine.wait_for_recoveries()
+    assert server.restarts == 1 and other.restarts == 0 and server.http.healthy()
+    # The killed server's requests were retried: the healthy one took more than its even share.
+    assert engine.served[1] - served_before[1] > len(prompts)
     assert any("restarting" in r.getMessage() for r in caplog.records)
     # The restart came up from the newest snapshot on disk, and its samples say which weights they used.
     assert {s.weight_version for g in groups for s in g} <= {0, 3}
