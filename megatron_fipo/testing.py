@@ -36,3 +36,9 @@ def make_hf_checkpoint(directory: str | Path, seed: int = 0, **overrides) -> Pat
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(directory, safe_serialization=True)
     return Path(directory)
+
+
+def make_tied_and_untied(root: str | Path) -> None:
+    """``root/hf_untied`` and ``root/hf_tied``: the two embedding layouts every bridge test covers."""
+    make_hf_checkpoint(Path(root) / "hf_untied", seed=0)
+    make_hf_checkpoint(Path(root) / "hf_tied", seed=1, tie_word_embeddings=True)

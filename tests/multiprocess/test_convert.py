@@ -12,7 +12,7 @@ import torch
 from helpers.launch import torchrun
 from safetensors.torch import load_file
 
-from megatron_fipo.testing import make_hf_checkpoint
+from megatron_fipo.testing import make_tied_and_untied
 
 pytestmark = pytest.mark.multiprocess
 WORKER = Path(__file__).with_name("convert_worker.py")
@@ -22,8 +22,7 @@ TAGS = ("untied", "tied")
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert")
-    make_hf_checkpoint(root / "hf_untied", seed=0)
-    make_hf_checkpoint(root / "hf_tied", seed=1, tie_word_embeddings=True)
+    make_tied_and_untied(root)
     (root / "hf_untied" / "tokenizer_config.json").write_text('{"model_max_length": 512}\n')
     torchrun(1, WORKER, "tp1", str(root))
     torchrun(2, WORKER, "tp2", str(root))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers.launch import torchrun
 
-from megatron_fipo.testing import make_hf_checkpoint
+from megatron_fipo.testing import make_tied_and_untied
 
 pytestmark = [
     pytest.mark.multiprocess,
@@ -28,8 +28,7 @@ TAGS = ("untied", "tied")
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("megatron_bridge")
-    make_hf_checkpoint(root / "hf_untied", seed=0)
-    make_hf_checkpoint(root / "hf_tied", seed=1, tie_word_embeddings=True)
+    make_tied_and_untied(root)
     torchrun(2, WORKER, str(root))
     return torch.load(root / "results.pt", weights_only=True)
 
