@@ -18,6 +18,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_fipo.actor.writer_queue import start_writer_queue
+
 LATEST = "latest"
 
 
@@ -112,6 +114,7 @@ def _save_atomically(state: dict, final: Path, files: dict[str, bytes] | None = 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
+    start_writer_queue()  # before Megatron's own: see writer_queue.py
     dist_checkpointing.save(state, str(tmp))
     _barrier()
     if _rank() == 0:
