@@ -53,34 +53,36 @@ def cmd_eval(args) -> int:
 
 
 def cmd_launch(args) -> int:
-    import subprocess
     from pathlib import Path
 
     from megatron_fipo.config_base import save_config
+    from megatron_fipo.launch import launch_dir
+    from megatron_fipo.validation import validate_launch
 
     cfg = _load(args.config, args.overrides)
-    repo = str(Path.cwd().resolve())
-    launch_dir = Path(cfg.run_dir) / "launch"
-    launch_dir.mkdir(parents=True, exist_ok=True)
-    config_path = str((launch_dir / "config.yaml").resolve())
-    save_config(cfg, config_path)  # what runs is what was launched, whatever the YAML becomes later
+    validate_launch(cfg)  # a layout that does not fit the job fails here, not after hours in the queue
+    repo = str(Path.cwd().resolve())  # the job runs where it was launched: the config's relative paths hold
+    config_path = launch_dir(cfg) / "config.yaml"
+    if not args.dry_run:
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, config_path)  # what runs is what was launched, whatever the YAML becomes later
     if args.backend == "slurm":
-        from megatron_fipo.launch.sbatch import render_sbatch
+        from megatron_fipo.launch.sbatch import render_sbatch, submit
 
-        script = launch_dir / "job.sbatch"
-        script.write_text(render_sbatch(cfg, config_path, repo))
+        script = render_sbatch(cfg, str(config_path), repo)
         if args.dry_run:
-            print(script.read_text(), end="")
+            print(script, end="")
             return 0
-        out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
-        if out.returncode != 0:
-            print(f"megatron-fipo launch: sbatch {script} failed: {out.stderr.strip()}", file=sys.stderr)
-            return out.returncode
-        print(f"submitted job {out.stdout.strip().split(';')[0]}: {script}")
+        try:
+            job = submit(cfg, script)
+        except RuntimeError as err:
+            print(f"megatron-fipo launch: {err}", file=sys.stderr)
+            return 1
+        print(f"submitted job {job}: {config_path.parent / 'job.sbatch'}")
         return 0
     from megatron_fipo.launch.nemo_run import run_experiment
 
-    run_experiment(cfg, config_path, repo, args.executor, args.dry_run)
+    run_experiment(cfg, str(config_path), repo, args.executor, args.dry_run)
     return 0
 
 

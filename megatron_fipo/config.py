@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -241,9 +242,13 @@ class LaunchConfig:
     sbatch_directives: list[str] = field(default_factory=list)  # extra #SBATCH options, e.g. --exclusive
     env: dict[str, str] = field(default_factory=dict)
     python: str = ".venv/bin/python"  # on the nodes, relative to the repo
+    log_dir: str = ""  # Slurm and SGLang server logs; empty = RUN_DIR/launch
     rdzv_port: int = 29500
+    # --requeue, and a job that got SIGTERM requeues itself once the trainer has checkpointed: a
+    # time-limited run goes on from its checkpoint.
     requeue: bool = False
-    # Slurm sends SIGTERM this long before the time limit; the trainer checkpoints and exits 0.
+    # Slurm sends SIGTERM this long before the time limit, and torchrun gives the trainer as long to
+    # finish its step and checkpoint before it kills it.
     preempt_notice_s: int = 120
     # NeMo-Run's Slurm executor reaches the cluster through this tunnel: local (on a login node) or ssh.
     tunnel: Literal["local", "ssh"] = "local"
@@ -264,6 +269,17 @@ class LaunchConfig:
                               f"{self.nodes} launch.nodes for training")
         if self.tunnel == "ssh" and not self.ssh_host:
             raise ConfigError("launch.ssh_host: set it for launch.tunnel=ssh")
+        for key in self.env:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise ConfigError(f"launch.env: {key!r} is not an environment variable name (letters, digits, _)")
+        for directive in self.sbatch_directives:
+            if not directive.startswith("-"):
+                raise ConfigError(f"launch.sbatch_directives: {directive!r} is not an sbatch option; "
+                                  "write it as on the command line, e.g. --exclusive or --qos=high")
+
+    @property
+    def training_world_size(self) -> int:
+        return (self.nodes - self.sglang_nodes) * self.nproc_per_node
 
 
 @dataclass

@@ -7,6 +7,7 @@ import os
 
 from megatron_fipo.config import ParallelConfig, RunConfig
 from megatron_fipo.config_base import ConfigError
+from megatron_fipo.launch import job_starts_servers
 from megatron_fipo.model_arch import ModelArch
 
 
@@ -48,13 +49,15 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
 
 
-def validate_run(cfg: RunConfig) -> ModelArch:
-    """Everything checkable from the config, the model's config.json and the launch environment."""
+def validate_run(cfg: RunConfig, world_size: int | None = None, has_te: bool | None = None) -> ModelArch:
+    """Everything checkable from the config, the model's config.json and the launch environment
+    (or, for a job about to be launched, the world size and Transformer Engine of its nodes)."""
     if not cfg.actor.model_config:
         raise ConfigError("actor.model_config: set it to a Hugging Face config.json (or its directory)")
     arch = ModelArch.from_hf_config(cfg.actor.model_config)
-    has_te = importlib.util.find_spec("transformer_engine") is not None
-    dp = validate_parallel(cfg.parallel, arch, world_size_from_env(), has_te)
+    if has_te is None:
+        has_te = importlib.util.find_spec("transformer_engine") is not None
+    dp = validate_parallel(cfg.parallel, arch, world_size or world_size_from_env(), has_te)
     mb = cfg.trainer.minibatch_prompts * cfg.rollout.n_samples
     if mb % dp:
         raise ConfigError(
@@ -62,3 +65,30 @@ def validate_run(cfg: RunConfig) -> ModelArch:
             f"the {dp} data-parallel ranks"
         )
     return arch
+
+
+def validate_launch(cfg: RunConfig) -> ModelArch:
+    """The run as ``launch.*`` places it: its layout at the job's world size, and its SGLang servers."""
+    launch, rollout, sg = cfg.launch, cfg.rollout, cfg.rollout.sglang
+    disaggregated = rollout.engine == "sglang" and rollout.placement == "disaggregated"
+    if launch.sglang_nodes and not disaggregated:
+        raise ConfigError(f"launch.sglang_nodes={launch.sglang_nodes}: nodes of their own serve only "
+                          "rollout.engine=sglang with rollout.placement=disaggregated; set it to 0 or change those")
+    if rollout.engine == "sglang" and not sg.urls:
+        serve_nodes = launch.sglang_nodes or launch.nodes
+        per_node, rest = divmod(sg.num_servers, serve_nodes)
+        if rest or not per_node or (launch.gpus_per_node and per_node * sg.tp_size > launch.gpus_per_node):
+            raise ConfigError(
+                f"rollout.sglang.num_servers={sg.num_servers} must spread evenly over the {serve_nodes} serving "
+                f"node(s), each server's rollout.sglang.tp_size={sg.tp_size} GPUs within launch.gpus_per_node="
+                f"{launch.gpus_per_node}; change num_servers, tp_size or launch.nodes / launch.sglang_nodes")
+    if job_starts_servers(cfg):
+        if disaggregated and not launch.sglang_nodes:
+            raise ConfigError(f"launch.sglang_nodes: rollout.placement=disaggregated on launch.nodes={launch.nodes} "
+                              "needs nodes for the SGLang servers; set it >= 1 (or rollout.placement=colocated)")
+        if not cfg.actor.load_hf:
+            raise ConfigError("actor.load_hf: SGLang servers on other nodes start from a Hugging Face checkpoint; "
+                              "set it")
+    # The nodes run CUDA: Transformer Engine is theirs to have, whatever this login node lacks.
+    return validate_run(cfg, world_size=launch.training_world_size, has_te=launch.gpus_per_node > 0)
+

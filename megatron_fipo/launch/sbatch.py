@@ -1,27 +1,34 @@
-"""Render the sbatch script of a run: torchrun on every training node, SGLang servers where placed.
+"""The sbatch script of a run: torchrun on every training node, SGLang servers where placed.
 
 One node: the trainer launches its SGLang servers itself (loopback). Several nodes: the script
 starts the servers on every node (colocated) or on the last ``launch.sglang_nodes`` nodes
 (disaggregated), bound to each node's hostname inside the cluster, and the trainer reaches them by
 URL and updates them by broadcast from its rank 0 (``weight_transport=distributed``): CUDA IPC
 handles do not cross nodes.
+
+Preemption and the time limit: Slurm sends SIGTERM to the batch shell only (``--signal=B:``), which
+passes it to the trainer's step alone (torchrun and its workers), so the servers keep serving while
+the trainer finishes its step and checkpoints. torchrun exits 1 after a SIGTERM whatever the trainer's status, so a
+preempted job ends FAILED unless ``launch.requeue`` requeues it to go on from the checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import shlex
+import subprocess
+from pathlib import Path
 
 from megatron_fipo.config import RunConfig
-from megatron_fipo.config_base import ConfigError
+from megatron_fipo.launch import job_env, job_starts_servers, launch_dir, log_dir
 from megatron_fipo.rollout.sglang_server import server_command
 
 
-def _directives(cfg: RunConfig, log_dir: str) -> list[str]:
+def _directives(cfg: RunConfig, logs: Path) -> list[str]:
     launch = cfg.launch
     lines = [f"--job-name={launch.job_name}", f"--nodes={launch.nodes}", "--ntasks-per-node=1",
-             f"--time={launch.time}", f"--output={log_dir}/slurm-%j.out",
-             # B: the batch shell gets the notice and forwards it to the trainer (see the trap below).
+             f"--time={launch.time}", f"--output={logs}/slurm-%j.out",
+             "--open-mode=append",  # a requeued job keeps one log
              f"--signal=B:TERM@{launch.preempt_notice_s}"]
     if launch.gpus_per_node:
         lines.append(f"--gpus-per-node={launch.gpus_per_node}")
@@ -46,25 +53,25 @@ def _srun(cfg: RunConfig, repo: str) -> str:
     return " ".join(shlex.quote(f) for f in flags)
 
 
-def _sglang_block(cfg: RunConfig, repo: str, log_dir: str) -> list[str]:
+def _sglang_block(cfg: RunConfig, repo: str, logs: Path) -> list[str]:
+    """Start the servers in the background; ``$urls_yaml`` lists them for the trainer."""
     launch, sg = cfg.launch, cfg.rollout.sglang
-    if not cfg.actor.load_hf:
-        raise ConfigError("actor.load_hf: servers on other nodes start from a Hugging Face checkpoint; set it")
-    per_node = max(launch.gpus_per_node // sg.tp_size, 1)
-    first = launch.nodes - launch.sglang_nodes if launch.sglang_nodes else 0
+    serve_first = launch.nodes - launch.sglang_nodes if launch.sglang_nodes else 0
+    per_node = sg.num_servers // (launch.sglang_nodes or launch.nodes)  # validate_launch: it divides
     server = dataclasses.replace(sg, python=sg.python or launch.python)
     release = cfg.rollout.placement == "colocated" and sg.release_memory
-    cmd = server_command(server, cfg.actor.load_hf, "$node", "$port", release, base_gpu_id="$((j * {}))".format(sg.tp_size))
+    cmd = server_command(server, cfg.actor.load_hf, "$node", "$port", release, base_gpu_id=f"$((j * {sg.tp_size}))")
     # $node, $port and the GPU offset are loop variables of the batch shell; the rest is quoted.
     quoted = " ".join(a if a.startswith("$") else shlex.quote(a) for a in cmd)
     return [
-        f"serve_nodes=(\"${{nodes[@]:{first}}}\")",
+        f"serve_nodes=(\"${{nodes[@]:{serve_first}}}\")",
         "urls=()",
         'for node in "${serve_nodes[@]}"; do',
         f"  for j in $(seq 0 {per_node - 1}); do",
         f"    port=$(({sg.base_port} + j))",
+        # --overlap: servers of one node share its allocation, and colocated ones the trainer's too.
         f"    {_srun(cfg, repo)} --overlap --nodes=1 --ntasks=1 -w \"$node\" {quoted} \\",
-        f"      > {log_dir}/sglang-$node-$j.log 2>&1 &",
+        f"      > {logs}/sglang-$node-$j.log 2>&1 &",
         '    urls+=("http://$node:$port")',
         "  done",
         "done",
@@ -73,33 +80,56 @@ def _sglang_block(cfg: RunConfig, repo: str, log_dir: str) -> list[str]:
 
 
 def render_sbatch(cfg: RunConfig, config_path: str, repo: str) -> str:
-    """The job script; ``config_path`` is the resolved config the trainer reads."""
+    """The job script; ``config_path`` is the resolved config the trainer reads, ``repo`` its working directory."""
     launch = cfg.launch
-    log_dir = f"{cfg.run_dir}/launch"
+    logs = log_dir(cfg)
     train_nodes = launch.nodes - launch.sglang_nodes
-    remote_servers = cfg.rollout.engine == "sglang" and launch.nodes > 1
-    lines = ["#!/bin/bash", *_directives(cfg, log_dir), "set -euo pipefail", f"cd {shlex.quote(repo)}",
-             f"mkdir -p {shlex.quote(log_dir)}"]
-    lines += [f"export {key}={shlex.quote(value)}" for key, value in launch.env.items()]
+    servers = job_starts_servers(cfg)
+    lines = ["#!/bin/bash", *_directives(cfg, logs), "set -euo pipefail", f"cd {shlex.quote(repo)}"]
+    lines += [f"export {key}={shlex.quote(value)}" for key, value in job_env(launch).items()]
     lines += ['nodes=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))', "head=${nodes[0]}",
               f"train_nodes=$(IFS=,; echo \"${{nodes[*]:0:{train_nodes}}}\")"]
     overrides = ""
-    if remote_servers:
-        lines += _sglang_block(cfg, repo, log_dir)
+    if servers:
+        lines += _sglang_block(cfg, repo, logs)
         # The broadcast group's rank 0 is the trainer's rank 0, on the head node (--node-rank below).
         overrides = (' \\"rollout.sglang.urls=$urls_yaml\\" rollout.sglang.weight_transport=distributed'
                      ' rollout.sglang.host=$head')
+    # Static rendezvous on the head node with --node-rank from Slurm, not c10d's first-come ranks:
+    # global rank 0 must be on $head, where the servers' weight-update group meets it.
     torchrun = (f"{shlex.quote(launch.python)} -m torch.distributed.run --nnodes {train_nodes} "
                 f"--nproc-per-node {launch.nproc_per_node} --node-rank \\$SLURM_NODEID "
                 f"--master-addr $head --master-port {launch.rdzv_port} "
                 f"-m megatron_fipo.cli train {shlex.quote(config_path)}{overrides}")
+    overlap = " --overlap" if servers and not launch.sglang_nodes else ""  # colocated servers hold these GPUs
     lines += [
-        # --overlap: colocated servers already hold the training nodes' GPUs (they release memory, not devices).
-        f"{_srun(cfg, repo)}{' --overlap' if remote_servers else ''} --nodes={train_nodes} -w \"$train_nodes\" "
+        f"{_srun(cfg, repo)}{overlap} --job-name=trainer --nodes={train_nodes} -w \"$train_nodes\" "
         f"bash -c \"{torchrun}\" &",
         "trainer=$!",
-        # Preemption or the time limit: pass SIGTERM on; the trainer checkpoints and exits 0.
-        "trap 'kill -TERM $trainer' TERM",
-        "wait $trainer || wait $trainer",
+        *(["preempted=0"] if launch.requeue else []),
+        # SIGTERM to srun itself would SIGKILL the step: signal the trainer's step through Slurm instead.
+        "stop_trainer() {",
+        *(["  preempted=1"] if launch.requeue else []),
+        '  echo "SIGTERM: passed on to the trainer"',
+        "  scancel --signal=TERM \"$(squeue -h -s -j \"$SLURM_JOB_ID\" -o '%i %j' | awk '$2 == \"trainer\" {print $1}')\" || true",
+        "}",
+        "trap stop_trainer TERM",
+        "wait $trainer || true  # returns early when the trap runs",
+        "status=0",
+        "wait $trainer || status=$?",
     ]
+    if launch.requeue:
+        lines.append('if [ $preempted = 1 ]; then scontrol requeue "$SLURM_JOB_ID"; fi  # resumes from the checkpoint')
+    lines.append("exit $status")
     return "\n".join(lines) + "\n"
+
+
+def submit(cfg: RunConfig, script: str) -> str:
+    """Write the script beside the resolved config and ``sbatch`` it; return the job id."""
+    path = launch_dir(cfg) / "job.sbatch"
+    path.write_text(script)
+    log_dir(cfg).mkdir(parents=True, exist_ok=True)  # Slurm opens --output before the script runs
+    out = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"sbatch {path} failed: {out.stderr.strip()}")
+    return out.stdout.strip().split(";")[0]

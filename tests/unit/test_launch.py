@@ -1,60 +1,133 @@
-"""The sbatch script rendered for the 32B recipe, and launch config errors (no Slurm needed)."""
+"""The sbatch script rendered for the recipes, and launch config errors (no Slurm needed)."""
+
+import subprocess
 
 import pytest
 
 from megatron_fipo.config import RunConfig
 from megatron_fipo.config_base import ConfigError, load_config
 from megatron_fipo.launch.sbatch import render_sbatch
+from megatron_fipo.validation import validate_launch
 
-RECIPE = "examples/qwen2.5-32b-fipo-h100.yaml"
+RECIPE_32B = "examples/qwen2.5-32b-fipo-h100.yaml"
 
 
-def _script(*overrides: str) -> str:
-    cfg = load_config(RunConfig, RECIPE, ["run_dir=/runs/x", "launch.nodes=16", "launch.partition=batch",
-                                          "launch.account=rl", *overrides])
+def _cfg(*overrides: str, recipe: str = RECIPE_32B) -> RunConfig:
+    base = ["run_dir=/runs/x", "launch.partition=batch", "launch.account=rl"]
+    return load_config(RunConfig, recipe, [*base, *overrides])
+
+
+def _script(*overrides: str, recipe: str = RECIPE_32B) -> str:
+    cfg = _cfg(*overrides, recipe=recipe)
+    validate_launch(cfg)
     return render_sbatch(cfg, "/runs/x/launch/config.yaml", "/repo")
+
+
+def _line(text: str, start: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(start))
 
 
 def test_32b_on_16_nodes_colocated():
     text = _script()
-    for line in ("#SBATCH --nodes=16", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=batch",
-                 "#SBATCH --account=rl", "#SBATCH --signal=B:TERM@120", "#SBATCH --ntasks-per-node=1"):
-        assert line in text.splitlines(), line
+    directives = [line for line in text.splitlines() if line.startswith("#SBATCH")]
+    assert directives == ["#SBATCH --job-name=megatron-fipo", "#SBATCH --nodes=16", "#SBATCH --ntasks-per-node=1",
+                          "#SBATCH --time=24:00:00", "#SBATCH --output=/runs/x/launch/slurm-%j.out",
+                          "#SBATCH --open-mode=append", "#SBATCH --signal=B:TERM@120", "#SBATCH --gpus-per-node=8",
+                          "#SBATCH --partition=batch", "#SBATCH --account=rl"]
+    assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120" in text.splitlines()
     # Two TP=4 SGLang servers on each of the 16 nodes, on GPUs 0-3 and 4-7, bound to the node's name.
     assert 'serve_nodes=("${nodes[@]:0}")' in text and "$(seq 0 1)" in text
-    assert "--tp-size 4" in text and "--base-gpu-id $((j * 4))" in text and "--host $node" in text
-    assert "--enable-memory-saver" in text  # colocated: released while the trainer runs
-    trainer = next(line for line in text.splitlines() if "torch.distributed.run" in line)
-    assert "--nnodes 16 --nproc-per-node 8 --node-rank \\$SLURM_NODEID --master-addr $head" in trainer
-    assert "train /runs/x/launch/config.yaml" in trainer
-    assert '\\"rollout.sglang.urls=$urls_yaml\\" rollout.sglang.weight_transport=distributed' in trainer
-    assert "--overlap" in trainer
-    assert "trap 'kill -TERM $trainer' TERM" in text
+    server = _line(text.replace("    srun", "srun"), "srun --ntasks-per-node=1 --gpus-per-node=8 --overlap --nodes=1")
+    assert "--tp-size 4" in server and "--base-gpu-id $((j * 4))" in server and "--host $node" in server
+    assert "--model-path /models/Qwen2.5-32B" in server
+    assert "--enable-memory-saver" in server  # colocated: released while the trainer runs
+    trainer = _line(text, "srun ")
+    assert trainer.startswith('srun --ntasks-per-node=1 --gpus-per-node=8 --overlap --job-name=trainer --nodes=16 '
+                              '-w "$train_nodes" bash -c ".venv/bin/python -m torch.distributed.run ')
+    assert ("--nnodes 16 --nproc-per-node 8 --node-rank \\$SLURM_NODEID --master-addr $head --master-port 29500 "
+            "-m megatron_fipo.cli train /runs/x/launch/config.yaml") in trainer
+    assert ('\\"rollout.sglang.urls=$urls_yaml\\" rollout.sglang.weight_transport=distributed '
+            "rollout.sglang.host=$head") in trainer
+    assert "head=${nodes[0]}" in text and 'nodes=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))' in text
+    assert "trap stop_trainer TERM" in text and "scancel --signal=TERM" in text
+    assert "scontrol requeue" not in text and text.endswith("exit $status\n")
+
+
+def test_7b_on_4_nodes_runs_8_servers_per_node():
+    text = _script(recipe="examples/qwen2.5-7b-fipo-h100.yaml")
+    assert "#SBATCH --nodes=4" in text and "$(seq 0 7)" in text and "--base-gpu-id $((j * 1))" in text
+    assert "--nnodes 4 --nproc-per-node 8" in text
 
 
 def test_disaggregated_serves_on_the_last_nodes_and_trains_on_the_rest():
-    text = _script("launch.sglang_nodes=4", "rollout.placement=disaggregated")
-    assert 'serve_nodes=("${nodes[@]:12}")' in text
-    assert 'train_nodes=$(IFS=,; echo "${nodes[*]:0:12}")' in text
-    assert "--nnodes 12" in text and "--enable-memory-saver" not in text
+    text = _script("launch.nodes=20", "launch.sglang_nodes=4", "rollout.placement=disaggregated",
+                   "rollout.sglang.num_servers=8")
+    assert "#SBATCH --nodes=20" in text
+    assert 'serve_nodes=("${nodes[@]:16}")' in text and "$(seq 0 1)" in text
+    assert 'train_nodes=$(IFS=,; echo "${nodes[*]:0:16}")' in text
+    trainer = _line(text, "srun ")
+    assert "--overlap" not in trainer and "--nodes=16" in trainer and "--nnodes 16" in trainer
+    assert "--enable-memory-saver" not in text
 
 
 def test_single_node_leaves_the_servers_to_the_trainer_and_adds_containers():
-    text = _script("launch.nodes=1", "launch.container_image=nvcr.io/nvidia/pytorch:25.09-py3",
-                   "launch.container_mounts=[/data:/data]")
+    text = _script("launch.nodes=1", "rollout.sglang.num_servers=2",
+                   "launch.container_image=nvcr.io/nvidia/pytorch:25.09-py3", "launch.container_mounts=[/data:/data,/repo:/repo]", "launch.log_dir=/logs", "launch.requeue=true",
+                   "launch.sbatch_directives=[--exclusive]", "launch.env={NCCL_DEBUG: WARN}")
     assert "sglang.launch_server" not in text and "rollout.sglang.urls" not in text
-    assert "--container-image=nvcr.io/nvidia/pytorch:25.09-py3" in text and "--container-mounts=/data:/data" in text
+    trainer = _line(text, "srun ")
+    assert trainer.startswith("srun --ntasks-per-node=1 --gpus-per-node=8 "
+                              "--container-image=nvcr.io/nvidia/pytorch:25.09-py3 --container-workdir=/repo "
+                              "--container-mounts=/data:/data,/repo:/repo --job-name=trainer --nodes=1 ")
+    lines = text.splitlines()
+    assert {"#SBATCH --output=/logs/slurm-%j.out", "#SBATCH --requeue", "#SBATCH --exclusive",
+            "export NCCL_DEBUG=WARN"} <= set(lines)
+    assert 'if [ $preempted = 1 ]; then scontrol requeue "$SLURM_JOB_ID"; fi  # resumes from the checkpoint' in lines
 
 
-@pytest.mark.parametrize("override, key", [("launch.nodes=0", "launch.nodes"),
-                                           ("launch.sglang_nodes=16", "launch.sglang_nodes"),
-                                           ("launch.nproc_per_node=9", "launch.nproc_per_node"),
-                                           ("launch.tunnel=ssh", "launch.ssh_host")])
+def test_cpu_job_requests_no_gpus():
+    text = _script("launch.nodes=1", recipe="examples/tiny_cpu.yaml")
+    assert "gpus-per-node" not in text and "--nnodes 1 --nproc-per-node 1" in text
+
+
+def test_script_is_valid_bash():
+    for text in (_script(), _script("launch.nodes=1", "rollout.sglang.num_servers=2", "launch.requeue=true")):
+        subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("launch.nodes=0", "launch.nodes"),
+    ("launch.sglang_nodes=16", "launch.sglang_nodes"),
+    ("launch.nproc_per_node=9", "launch.nproc_per_node"),
+    ("launch.tunnel=ssh", "launch.ssh_host"),
+    ("launch.env={1BAD: x}", "launch.env"),
+    ("launch.sbatch_directives=[exclusive]", "launch.sbatch_directives"),
+    ("launch.gpu_per_node=8", "gpus_per_node"),  # a typo lists the valid keys
+])
 def test_bad_launch_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
-        _script(override)
+        _cfg(override)
 
 
-def test_remote_servers_need_a_checkpoint_to_start_from():
-    with pytest.raises(ConfigError, match="actor.load_hf"):
-        _script("actor.load_hf=")
+@pytest.mark.parametrize("overrides, key", [
+    # 32 servers of TP=4 on 8 nodes: 16 GPUs per node.
+    (["launch.nodes=8"], "rollout.sglang.num_servers"),
+    # 12 nodes: DP = 96 ranks / TP 8 = 12 does not divide a mini-batch of 64 prompts x 16 samples.
+    (["launch.nodes=12", "rollout.sglang.num_servers=24"], "data-parallel"),
+    (["launch.sglang_nodes=2"], "launch.sglang_nodes"),  # colocated placement
+    (["rollout.placement=disaggregated"], "launch.sglang_nodes"),
+    (["actor.load_hf="], "actor.load_hf"),
+    # One node of 6 GPUs: 6 ranks for TP=8.
+    (["launch.nodes=1", "launch.nproc_per_node=6", "launch.gpus_per_node=6", "rollout.sglang.tp_size=2",
+      "rollout.sglang.num_servers=3"], "parallel: tensor"),
+])
+def test_launch_that_does_not_fit_names_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        validate_launch(_cfg(*overrides))
+
+
+@pytest.mark.parametrize("recipe, dp", [(RECIPE_32B, 16), ("examples/qwen2.5-7b-fipo-h100.yaml", 16)])
+def test_recipes_fit_their_launch_section(recipe, dp):
+    cfg = _cfg(recipe=recipe)
+    validate_launch(cfg)
+    assert cfg.launch.training_world_size // cfg.parallel.model_parallel_size == dp
