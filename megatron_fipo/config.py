@@ -240,7 +240,8 @@ class LaunchConfig:
     container_image: str = ""  # pyxis/enroot image; empty = the nodes' own environment
     container_mounts: list[str] = field(default_factory=list)
     sbatch_directives: list[str] = field(default_factory=list)  # extra #SBATCH options, e.g. --exclusive
-    env: dict[str, str] = field(default_factory=dict)
+    # Exported in the job: a mapping, or a list of KEY=VALUE strings (values stay strings, e.g. OMP_NUM_THREADS=8).
+    env: dict[str, str] | list[str] = field(default_factory=dict)
     python: str = ".venv/bin/python"  # on the nodes, relative to the repo
     log_dir: str = ""  # Slurm and SGLang server logs; empty = RUN_DIR/launch
     rdzv_port: int = 29500
@@ -269,6 +270,11 @@ class LaunchConfig:
                               f"{self.nodes} launch.nodes for training")
         if self.tunnel == "ssh" and not self.ssh_host:
             raise ConfigError("launch.ssh_host: set it for launch.tunnel=ssh")
+        if isinstance(self.env, list):
+            bad = next((item for item in self.env if "=" not in item), None)
+            if bad is not None:
+                raise ConfigError(f"launch.env: {bad!r} is not KEY=VALUE; write it as e.g. NCCL_DEBUG=WARN")
+            self.env = dict(item.split("=", 1) for item in self.env)
         for key in self.env:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 raise ConfigError(f"launch.env: {key!r} is not an environment variable name (letters, digits, _)")

@@ -85,6 +85,21 @@ def test_single_node_leaves_the_servers_to_the_trainer_and_adds_containers():
     assert 'if [ $preempted = 1 ]; then scontrol requeue "$SLURM_JOB_ID"; fi  # resumes from the checkpoint' in lines
 
 
+def test_env_as_a_list_of_assignments():
+    # The list form keeps values as written: OMP_NUM_THREADS=8 stays the string "8" (YAML {K: 8} is an int).
+    text = _script("launch.env=[NCCL_DEBUG=WARN, OMP_NUM_THREADS=8, XLA_FLAGS=--a=b]")
+    assert {"export NCCL_DEBUG=WARN", "export OMP_NUM_THREADS=8", "export XLA_FLAGS=--a=b"} <= set(text.splitlines())
+
+
+def test_container_flags_reach_the_servers_and_the_trainer_on_16_nodes():
+    text = _script("launch.container_image=nvcr.io/nvidia/pytorch:25.09-py3", "launch.container_mounts=[/data:/data]")
+    flags = "--container-image=nvcr.io/nvidia/pytorch:25.09-py3 --container-workdir=/repo --container-mounts=/data:/data"
+    server = _line(text.replace("    srun", "srun"), "srun --ntasks-per-node=1 --gpus-per-node=8 --container-image")
+    assert flags in server and "sglang.launch_server" in server and "--overlap --nodes=1" in server
+    trainer = _line(text, "srun ")
+    assert flags in trainer and "--nnodes 16 --nproc-per-node 8" in trainer
+
+
 def test_cpu_job_requests_no_gpus():
     text = _script("launch.nodes=1", recipe="examples/tiny_cpu.yaml")
     assert "gpus-per-node" not in text and "--nnodes 1 --nproc-per-node 1" in text
@@ -101,6 +116,7 @@ def test_script_is_valid_bash():
     ("launch.nproc_per_node=9", "launch.nproc_per_node"),
     ("launch.tunnel=ssh", "launch.ssh_host"),
     ("launch.env={1BAD: x}", "launch.env"),
+    ("launch.env=[NCCL_DEBUG]", "launch.env"),  # a list item without =
     ("launch.sbatch_directives=[exclusive]", "launch.sbatch_directives"),
     ("launch.gpu_per_node=8", "gpus_per_node"),  # a typo lists the valid keys
 ])
