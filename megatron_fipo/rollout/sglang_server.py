@@ -49,7 +49,12 @@ class SGLangServer:
         self.restarts = 0
 
     def command(self, model_path: str) -> list[str]:
-        return server_command(self.cfg, model_path, self.cfg.host, self.port, self.release_memory)
+        # Server i of this node takes GPUs [i * tp, (i + 1) * tp); without it every server lands on
+        # GPU 0. SGLang's CPU engine reads the same id as a NUMA node, so it is left out there.
+        args = self.cfg.extra_args
+        on_cpu = "--device" in args and args[args.index("--device") + 1 :][:1] == ["cpu"]
+        return server_command(self.cfg, model_path, self.cfg.host, self.port, self.release_memory,
+                              base_gpu_id=None if on_cpu else self.index * self.cfg.tp_size)
 
     def start(self, model_path: str) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
