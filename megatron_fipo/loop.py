@@ -12,6 +12,7 @@ import logging
 import math
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -338,13 +339,19 @@ class Trainer:
         return step_metrics
 
 
-def train(cfg: RunConfig) -> dict:
+@contextmanager
+def _trainer(cfg: RunConfig):
     trainer = Trainer(cfg)
     try:
-        return trainer.run()
+        yield trainer
     finally:
         if trainer.engine is not None:
             trainer.engine.shutdown()  # SGLang servers must not outlive the run
+
+
+def train(cfg: RunConfig) -> dict:
+    with _trainer(cfg) as trainer:
+        return trainer.run()
 
 
 def evaluate(cfg: RunConfig) -> dict:
@@ -354,16 +361,12 @@ def evaluate(cfg: RunConfig) -> dict:
     A training run's checkpoint is scored with the sampling seed that run used at that step, so the
     embedded engine reproduces the run's own eval exactly.
     """
-    trainer = Trainer(cfg)
-    if cfg.actor.load_megatron:
-        source = model_checkpoint_dir(cfg.actor.load_megatron).name
-        trainer.state.step = int(source.removeprefix("step_")) if source.startswith("step_") else 0
-    try:
+    with _trainer(cfg) as trainer:
+        if cfg.actor.load_megatron:
+            source = model_checkpoint_dir(cfg.actor.load_megatron).name
+            trainer.state.step = int(source.removeprefix("step_")) if source.startswith("step_") else 0
         trainer._sync_weights(version=trainer.state.step)
         result = trainer._evaluate()
-    finally:
-        if trainer.engine is not None:
-            trainer.engine.shutdown()
     summary = {
         "weights": cfg.actor.load_megatron or cfg.actor.load_hf,
         "step": trainer.state.step,

@@ -42,3 +42,13 @@ def make_tied_and_untied(root: str | Path) -> None:
     """``root/hf_untied`` and ``root/hf_tied``: the two embedding layouts every bridge test covers."""
     make_hf_checkpoint(Path(root) / "hf_untied", seed=0)
     make_hf_checkpoint(Path(root) / "hf_tied", seed=1, tie_word_embeddings=True)
+
+
+def load_hf_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF safetensors directory, read with safetensors itself (not our reader)."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors

@@ -25,7 +25,7 @@ from megatron_fipo.model_arch import ModelArch
 from megatron_fipo.rollout.base import Sample, SamplingParams
 from megatron_fipo.rollout.sglang_http import SGLangError, ServerUnavailable
 from megatron_fipo.rollout.sglang_server import SGLangServer
-from megatron_fipo.rollout.sglang_weights import (DiskTransport, DistributedTransport, TensorTransport,
+from megatron_fipo.rollout.sglang_weights import (DiskTransport, DistributedTransport, TensorTransport, each_server,
                                                   set_version)
 
 log = logging.getLogger("megatron_fipo")
@@ -50,9 +50,7 @@ class SGLangEngine:
             self.transport = self.snapshots
         else:
             self.transport = DistributedTransport(self.cfg.host, self.cfg.weights_update_port, self.cfg.distributed_backend)
-        self.weight_version = -1
-        self.snapshot: tuple[Path, int] | None = None  # newest weights on disk: where a restart starts
-        self.started = self.external
+        self.weight_version = -1  # none yet: managed servers start with the first update
         self.released = False
         self.in_flight = [0] * len(self.servers)
         self.served = [0] * len(self.servers)  # sequences each server completed: the routing's record
@@ -69,24 +67,20 @@ class SGLangEngine:
 
     def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> None:
         self.wait_for_recoveries()
-        if self.external and self.weight_version < 0:
-            for server in self.servers:  # started by the job script; they may still be loading
-                server.wait_healthy()
-        if not self.started:
+        if self.weight_version < 0 and not self.external:
             path = self.snapshots.write(buckets, version)
-            self.snapshot = (path, version)
             for server in self.servers:
                 server.start(str(path.resolve()))
             for server in self.servers:
                 server.wait_healthy()
             set_version(self.servers, version)
-            self.started = True
         else:
+            if self.weight_version < 0:  # started by the job script; they may still be loading
+                for server in self.servers:
+                    server.wait_healthy()
             if self.released:  # colocated: the weights must be resident to be overwritten
                 self._each("/resume_memory_occupation", {"tags": ["weights"]})
             self.transport.push(self.servers, buckets, version)
-            if self.transport is self.snapshots:
-                self.snapshot = (self.snapshots.root / f"v{version}", version)
             self._each("/flush_cache", {})  # cached prefixes hold KV of the old weights
         self.weight_version = version
 
@@ -105,15 +99,12 @@ class SGLangEngine:
             server.stop()
 
     def _each(self, path: str, payload: dict) -> None:
-        for server in self.servers:
-            result = server.http.post(path, payload)
-            if result.get("success") is False:
-                raise SGLangError(f"SGLang server {server.index} {path}: {result.get('message')}")
+        each_server(self.servers, lambda s: s.http.post(path, payload))
 
     # ---- generation --------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams, seed: int) -> list[list[Sample]]:
         """n samples per prompt. SGLang samples without a caller seed: ``seed`` is not used."""
-        if not self.started:
+        if self.weight_version < 0 and not self.external:
             raise RuntimeError("SGLang engine: no weights loaded; call update_weights first")
         self.resume()
         flat = [p for p in prompts for _ in range(n)]
@@ -177,7 +168,7 @@ class SGLangEngine:
                 log.warning("SGLang server %s is unreachable; routing around it until it answers again", server.url)
                 server.wait_healthy()
                 return
-            path, version = self.snapshot
+            path, version = self.snapshots.latest
             server.restart(str(path.resolve()))
             set_version([server], version)
             if version != self.weight_version:

@@ -35,7 +35,7 @@ log = logging.getLogger("megatron_fipo")
 Bucket = list[tuple[str, torch.Tensor]]
 
 
-def _each_server(servers: list[SGLangServer], call: Callable[[SGLangServer], dict]) -> None:
+def each_server(servers: list[SGLangServer], call: Callable[[SGLangServer], dict]) -> None:
     """Run ``call`` on every server concurrently; raise if any reports failure."""
     with ThreadPoolExecutor(max_workers=max(len(servers), 1)) as pool:
         results = list(pool.map(call, servers))
@@ -74,11 +74,11 @@ class WeightTransport(Protocol):
 @contextmanager
 def _update_session(servers: list[SGLangServer]):
     """SGLang accepts in-place weight loads only inside begin/end_weight_update."""
-    _each_server(servers, lambda s: s.http.post("/begin_weight_update"))
+    each_server(servers, lambda s: s.http.post("/begin_weight_update"))
     try:
         yield
     finally:
-        _each_server(servers, lambda s: s.http.post("/end_weight_update"))
+        each_server(servers, lambda s: s.http.post("/end_weight_update"))
 
 
 class TensorTransport:
@@ -86,7 +86,7 @@ class TensorTransport:
         with _update_session(servers):
             for bucket in buckets:
                 payload = serialize_named_tensors(bucket)
-                _each_server(servers, lambda s: s.http.post("/update_weights_from_tensor", {
+                each_server(servers, lambda s: s.http.post("/update_weights_from_tensor", {
                     # One entry per TP rank of the server: each rank rebuilds its own handle.
                     "serialized_named_tensors": [payload] * s.cfg.tp_size,
                     "flush_cache": False,
@@ -99,16 +99,18 @@ class DiskTransport:
 
     def __init__(self, root: Path, arch: ModelArch):
         self.root, self.arch = root, arch
+        self.latest: tuple[Path, int] | None = None  # newest snapshot and its version: where a restart starts
 
     def write(self, buckets: Iterable[Bucket], version: int) -> Path:
         path = write_hf_checkpoint(self.root / f"v{version}", buckets, self.arch)
+        self.latest = (path, version)
         for old in sorted(self.root.glob("v*"), key=lambda p: int(p.name[1:]))[:-2]:
             shutil.rmtree(old, ignore_errors=True)
         return path
 
     def push(self, servers: list[SGLangServer], buckets: Iterable[Bucket], version: int) -> None:
         path = self.write(buckets, version)
-        _each_server(servers, lambda s: s.http.post("/update_weights_from_disk", {
+        each_server(servers, lambda s: s.http.post("/update_weights_from_disk", {
             "model_path": str(path.resolve()), "weight_version": str(version)}))
 
 
@@ -165,5 +167,5 @@ def _raise_failed(what: str, results: list[dict]) -> None:
 
 
 def set_version(servers: list[SGLangServer], version: int) -> None:
-    _each_server(servers, lambda s: s.http.post("/update_weight_version", {"new_version": str(version),
+    each_server(servers, lambda s: s.http.post("/update_weight_version", {"new_version": str(version),
                                                                           "abort_all_requests": False}))

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.launch import torchrun
-from safetensors.torch import load_file
 
-from megatron_fipo.testing import make_hf_checkpoint
+from megatron_fipo.testing import load_hf_tensors, make_hf_checkpoint
 
 pytestmark = pytest.mark.multiprocess
 WORKER = Path(__file__).with_name("actor_worker.py")
@@ -42,12 +41,6 @@ def runs(hf_dirs, tmp_path_factory):
     return out
 
 
-def _hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    return tensors
-
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("tag", ["untied", "tied"])
@@ -64,8 +57,8 @@ def test_layout_equals_reference(runs, layout, tag):
 @pytest.mark.parametrize("layout", ["reference", *LAYOUTS])
 @pytest.mark.parametrize("tag", ["untied", "tied"])
 def test_bridge_export_round_trip_is_bit_exact(runs, hf_dirs, layout, tag):
-    original = _hf_tensors(hf_dirs[0] if tag == "untied" else hf_dirs[1])
-    exported = _hf_tensors(runs[layout][0] / f"export_{tag}")
+    original = load_hf_tensors(hf_dirs[0] if tag == "untied" else hf_dirs[1])
+    exported = load_hf_tensors(runs[layout][0] / f"export_{tag}")
     if tag == "tied":
         original.pop("lm_head.weight", None)  # transformers may write the tied copy; the weight is one
     assert exported.keys() == original.keys()

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.launch import torchrun
-from safetensors.torch import load_file
 
-from megatron_fipo.testing import make_tied_and_untied
+from megatron_fipo.testing import load_hf_tensors, make_tied_and_untied
 
 pytestmark = pytest.mark.multiprocess
 WORKER = Path(__file__).with_name("convert_worker.py")
@@ -30,21 +29,15 @@ def root(tmp_path_factory):
     return root
 
 
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    return tensors
-
 
 @pytest.mark.parametrize("tag", TAGS)
 @pytest.mark.parametrize("route", ["from_tp1_at_tp2", "from_tp2_at_pp2", "from_pp2_at_pp2"])
 def test_round_trip_is_bit_exact(root, route, tag):
-    original = _tensors(root / f"hf_{tag}")
+    original = load_hf_tensors(root / f"hf_{tag}")
     if tag == "tied":
         original.pop("lm_head.weight", None)  # transformers may write the tied copy; the weight is one
     out = root / f"hf_{route}_{tag}"
-    exported = _tensors(out)
+    exported = load_hf_tensors(out)
     assert exported.keys() == original.keys()
     for name, tensor in original.items():
         assert exported[name].dtype == torch.float32, name
@@ -68,8 +61,8 @@ def test_multiple_shards_and_transformers_loads_the_output(root):
 
 @pytest.mark.parametrize("tag", TAGS)
 def test_a_runs_checkpoint_converts_to_hf(root, tag):
-    trained, original = _tensors(root / f"hf_trained_{tag}"), _tensors(root / f"hf_{tag}")
-    exported = _tensors(root / f"hf_from_run_at_pp2_{tag}")
+    trained, original = load_hf_tensors(root / f"hf_trained_{tag}"), load_hf_tensors(root / f"hf_{tag}")
+    exported = load_hf_tensors(root / f"hf_from_run_at_pp2_{tag}")
     assert exported.keys() == trained.keys()
     assert all(torch.equal(exported[n], t) for n, t in trained.items())
     name = "model.layers.0.mlp.up_proj.weight"
