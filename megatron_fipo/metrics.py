@@ -62,7 +62,7 @@ def merge_metrics(records: list[tuple[float, dict[str, float]]]) -> dict[str, fl
             out[key] = max(values)
         elif key.endswith(("/min", "_min")):
             out[key] = min(values)
-        elif key in ("seqs_filtered", "num_tokens"):
+        elif key in ("seqs_filtered", "num_tokens", "num_tokens_kept"):
             out[key] = sum(values)
         else:
             out[key] = sum(w * m[key] for w, m in records) / total

@@ -194,7 +194,8 @@ class MegatronActor:
             rows, width = mb.sample_index, mask.shape[1]
             adv = advantages[rows].to(logp.device)
             adv = adv[:, :width] if adv.dim() == 2 else adv
-            return loss_impl(logp, old_logp[rows, :width].to(logp.device), adv, mask, cfg, num_tokens=1.0)
+            loss_sum, metrics = loss_impl(logp, old_logp[rows, :width].to(logp.device), adv, mask, cfg, num_tokens=1.0)
+            return loss_sum, int(metrics["num_tokens_kept"]), metrics
 
         return self._accumulate_gradients(batch, policy_loss, temperature)
 
@@ -205,28 +206,33 @@ class MegatronActor:
         its own learning rate leaves the RL schedule where it was.
         """
         loss, tokens, entropy, _ = self._accumulate_gradients(
-            batch, lambda mb, logp, mask: (-(logp * mask).sum(), {}), temperature=1.0
+            batch, lambda mb, logp, mask: (-(logp * mask).sum(), int(mask.sum().item()), {}), temperature=1.0
         )
         updated, grad_norm = self._optimizer_step(finite_loss=math.isfinite(loss), advance_schedule=advance_schedule)
         return StepResult(loss, grad_norm, updated, self.optimizer.param_groups[0]["lr"], tokens, entropy, {})
 
     def _accumulate_gradients(self, batch: SequenceBatch, per_microbatch_loss, temperature: float):
-        """Run forward/backward; ``per_microbatch_loss(mb, logp, mask)`` -> (token-sum loss, metrics)."""
+        """Run forward/backward; ``per_microbatch_loss(mb, logp, mask)`` -> (loss sum, tokens it
+        averages over, metrics). Megatron divides the gradients by those tokens summed over all
+        micro-batches and DP ranks: one exact token mean over the mini-batch.
+
+        Returns (token-mean loss, response tokens, mean entropy, metrics) over all DP ranks.
+        """
         for m in self.model:
             m.train()
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         records: list[tuple[float, dict[str, float]]] = []
-        sums = torch.zeros(3, dtype=torch.float64)  # loss sum, tokens, entropy sum
+        sums = torch.zeros(4, dtype=torch.float64)  # loss sum, tokens averaged over, response tokens, entropy sum
 
         def loss_fn(mb, ctx, output_tensor):
             mask = mb.response_mask.to(output_tensor.device)
-            loss_sum, metrics = per_microbatch_loss(mb, gather_response(output_tensor, mb), mask)
+            loss_sum, n_mean, metrics = per_microbatch_loss(mb, gather_response(output_tensor, mb), mask)
             n_tok = int(mask.sum().item())
             ent = (gather_response(ctx.entropy, mb) * mask).sum()
-            sums.add_(torch.tensor([loss_sum.item(), n_tok, ent.item()], dtype=torch.float64))
+            sums.add_(torch.tensor([loss_sum.item(), n_mean, n_tok, ent.item()], dtype=torch.float64))
             records.append((float(n_tok), metrics))
-            return loss_sum, torch.tensor(n_tok, dtype=torch.int, device=output_tensor.device), {}
+            return loss_sum, torch.tensor(n_mean, dtype=torch.int, device=output_tensor.device), {}
 
         self._run(self.microbatches(batch), loss_fn, forward_only=False, temperature=temperature)
 
@@ -234,8 +240,8 @@ class MegatronActor:
         totals = self._broadcast_from_last_stage(sums.to(self.device))
         if self.dp_size > 1:
             dist.all_reduce(totals, group=self.ps.get_data_parallel_group())
-        loss_total, tokens, ent_total = totals.tolist()
-        return loss_total / max(tokens, 1), int(tokens), ent_total / max(tokens, 1), merge_metrics(records)
+        loss_total, n_mean, tokens, ent_total = totals.tolist()
+        return loss_total / max(n_mean, 1), int(tokens), ent_total / max(tokens, 1), merge_metrics(records)
 
     def _optimizer_step(self, finite_loss: bool, advance_schedule: bool = True) -> tuple[bool, float]:
         """Clip and step, or skip the update when the loss or gradient norm is not finite."""

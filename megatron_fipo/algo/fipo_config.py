@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# influence_clip == 0 in the official code: weights min(exp(FutureKL), 10), bounded below only by 0.
+UNCLIPPED_INFLUENCE_BOUNDS = (0.0, 10.0)
+
 
 @dataclass
 class FIPOConfig:
@@ -15,6 +18,8 @@ class FIPOConfig:
     dual_clip_c: float = 10.0
     # gamma = 2^(-1/decay_rate): a token's influence halves every decay_rate tokens.
     decay_rate: float = 32.0
+    # Influence weights are clipped to [1 - clip, 1 + clip] (or [1, 1 + clip], below). 0 means what the
+    # official code's future_kl_clip_ratio == 0 means: no lower bound and a cap at 10, min(exp(FKL), 10).
     influence_clip: float = 0.2
     # True: weights in [1, 1 + clip] (32B recipe); False: [1 - clip, 1 + clip] (paper's 7B runs).
     influence_clip_high_only: bool = True
@@ -41,5 +46,7 @@ class FIPOConfig:
 
     @property
     def influence_bounds(self) -> tuple[float, float]:
+        if self.influence_clip == 0:
+            return UNCLIPPED_INFLUENCE_BOUNDS
         low = 1.0 if self.influence_clip_high_only else 1.0 - self.influence_clip
         return low, 1.0 + self.influence_clip

@@ -1,13 +1,16 @@
 """FIPO and DAPO clipped policy losses, token-level, pure torch.
 
 Semantics follow the official FIPO code (Henrymachiyu/FIPO, ``compute_policy_loss_future_kl`` in
-``verl/trainer/ppo/core_algos.py``) unless a field of ``FIPOConfig`` says otherwise.
+``verl/trainer/ppo/core_algos.py``) unless a field of ``FIPOConfig`` says otherwise. On one
+micro-batch the loss and its gradient equal the official function's; over several micro-batches
+and data-parallel ranks the token mean is one exact mean over the mini-batch's surviving tokens
+(the official code averages per-micro-batch means).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -24,35 +27,50 @@ def _token_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     return advantages.float().expand_as(mask)
 
 
+class SequenceShards(Protocol):
+    """How this rank's [B, L] response tensors relate to whole sequences.
+
+    Locally every row is a whole response. Under context parallelism each rank holds chunks of
+    every sequence, so Future-KL (a suffix sum) and the per-sequence counts of the sequence filter
+    need the other ranks' chunks: ``algo/future_kl_cp.py`` provides that version.
+    """
+
+    def future_kl(self, delta_logp: torch.Tensor, mask: torch.Tensor, decay_rate: float) -> torch.Tensor: ...
+
+    def sequence_sum(self, per_sequence: torch.Tensor) -> torch.Tensor: ...
+
+
+class _WholeSequences:
+    def future_kl(self, delta_logp: torch.Tensor, mask: torch.Tensor, decay_rate: float) -> torch.Tensor:
+        return future_kl(delta_logp, mask, decay_rate)
+
+    def sequence_sum(self, per_sequence: torch.Tensor) -> torch.Tensor:
+        return per_sequence
+
+
+LOCAL_SHARDS: SequenceShards = _WholeSequences()
+
+
 def _clipped_surrogate(
-    weighted_adv: torch.Tensor, ratio: torch.Tensor, clip_low: float, clip_high: float, dual_clip_c: float
+    weighted_adv: torch.Tensor, adv: torch.Tensor, ratio: torch.Tensor, clip_low: float, clip_high: float,
+    dual_clip_c: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO surrogate with clip-low/clip-high and dual-clip for negative advantages.
 
-    Returns (per-token loss, ppo-clip-bound mask, dual-clip-bound mask).
+    Returns (per-token loss, ppo-clip-bound mask, dual-clip-bound mask). As in the official code,
+    the dual clip applies where the weighted advantage is negative, and a token counts as held by
+    it (for the sequence filter and the metric) where the raw advantage is negative.
     """
     unclipped = -weighted_adv * ratio
     clipped = -weighted_adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     ppo = torch.maximum(unclipped, clipped)
     dual_cap = -weighted_adv * dual_clip_c
-    negative = weighted_adv < 0
-    dual_bound = negative & (ppo > dual_cap)
-    loss = torch.where(negative, torch.minimum(ppo, dual_cap), ppo)
-    return loss, clipped > unclipped, dual_bound
+    loss = torch.where(weighted_adv < 0, torch.minimum(ppo, dual_cap), ppo)
+    return loss, clipped > unclipped, (adv < 0) & (ppo > dual_cap)
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def _reduce(
-    per_token: torch.Tensor, loss_mask: torch.Tensor, valid: torch.Tensor, num_tokens: float | torch.Tensor | None
-) -> torch.Tensor:
-    # Token-level mean over valid response tokens. The actor passes the mini-batch's token count
-    # (across micro-batches and DP ranks) so the sum over micro-batches is one exact mean, not a
-    # mean of means.
-    denom = valid.sum().clamp(min=1) if num_tokens is None else num_tokens
-    return (per_token * loss_mask).sum() / denom
 
 
 def _quantiles(values: torch.Tensor, qs: tuple[float, ...]) -> list[float]:
@@ -88,40 +106,49 @@ class InfluenceWeights:
 
 @torch.no_grad()
 def influence_weights(
-    delta_logp: torch.Tensor, advantages: torch.Tensor, valid: torch.Tensor, cfg: FIPOConfig
+    delta_logp: torch.Tensor, advantages: torch.Tensor, valid: torch.Tensor, cfg: FIPOConfig,
+    shards: SequenceShards = LOCAL_SHARDS,
 ) -> InfluenceWeights:
     """f_t = clip(exp(FutureKL_t)); no gradient flows through it.
 
     delta_logp is the clamped log-ratio [B, L]; advantages [B, L]; valid the bool response mask.
     """
-    excluded = delta_logp > math.log(cfg.dual_clip_c)
+    # The thresholds are compared as the official code compares them (log c in the tensor's dtype,
+    # the ratio itself against the safety threshold), so boundary tokens fall on the same side.
+    excluded = delta_logp > torch.log(torch.tensor(cfg.dual_clip_c, dtype=delta_logp.dtype))
     if cfg.future_kl_mask_negative_only:
         excluded = excluded & (advantages < 0)
-    fkl = future_kl(delta_logp, valid & ~excluded, cfg.decay_rate)
+    fkl = shards.future_kl(delta_logp, valid & ~excluded, cfg.decay_rate)
     raw = torch.exp(fkl)
     weight = raw.clamp(*cfg.influence_bounds)
-    capped = (advantages < 0) & (delta_logp > math.log(cfg.safety_threshold))
+    capped = (advantages < 0) & (torch.exp(delta_logp) > cfg.safety_threshold)
     weight = torch.where(capped, weight.clamp(*SAFETY_WEIGHT_RANGE), weight)
     return InfluenceWeights(weight, raw, fkl, excluded, capped)
 
 
-def _policy_loss(logp, old_logp, advantages, mask, cfg, num_tokens, use_influence):
+def _policy_loss(logp, old_logp, advantages, mask, cfg, num_tokens, use_influence, shards):
     valid = mask.bool()
     adv = _token_advantages(advantages, mask)
     delta = torch.clamp(logp.float() - old_logp.float(), -cfg.logratio_clamp, cfg.logratio_clamp)
     ratio = torch.exp(delta)
-    iw = influence_weights(delta, adv, valid, cfg) if use_influence else None
+    iw = influence_weights(delta, adv, valid, cfg, shards) if use_influence else None
     weighted_adv = adv * iw.weight if iw is not None else adv
 
     per_token, ppo_bound, dual_bound = _clipped_surrogate(
-        weighted_adv, ratio, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.dual_clip_c
+        weighted_adv, adv, ratio, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.dual_clip_c
     )
-    loss_mask = valid
+    kept = valid
     dropped = torch.zeros(valid.shape[0], dtype=torch.bool, device=valid.device)
     if use_influence and cfg.filter_dual_clip_sequences:
-        dropped = (dual_bound & valid).sum(dim=1) > 1
-        loss_mask = valid & ~dropped.unsqueeze(1)
-    loss = _reduce(per_token, loss_mask.float(), valid, num_tokens)
+        # A sequence with two or more dual-clipped tokens leaves the loss, numerator and denominator.
+        dropped = shards.sequence_sum((dual_bound & valid).sum(dim=1)) > 1
+        kept = valid & ~dropped.unsqueeze(1)
+    kept_f = kept.float()
+    # Token mean over the tokens that survive the filter (the official masked_mean over final_mask).
+    # The actor passes num_tokens=1 and hands the kept count to Megatron, whose per-token loss
+    # divides the summed gradients by the count over all micro-batches and DP x CP ranks.
+    denom = kept_f.sum().clamp(min=1) if num_tokens is None else num_tokens
+    loss = (per_token * kept_f).sum() / denom
 
     with torch.no_grad():
         metrics = _ratio_metrics(ratio, delta, adv, valid)
@@ -129,6 +156,7 @@ def _policy_loss(logp, old_logp, advantages, mask, cfg, num_tokens, use_influenc
         metrics["pg_clipfrac_lower"] = _masked_mean(dual_bound.float(), valid).item()
         metrics["seqs_filtered"] = float(dropped.sum())
         metrics["num_tokens"] = float(valid.sum())
+        metrics["num_tokens_kept"] = float(kept_f.sum())
         if iw is not None:
             metrics.update(_influence_metrics(iw, valid, cfg))
     return loss, metrics
@@ -158,9 +186,10 @@ def dapo_policy_loss(
     mask: torch.Tensor,
     cfg: FIPOConfig,
     num_tokens: float | torch.Tensor | None = None,
+    shards: SequenceShards = LOCAL_SHARDS,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """DAPO / GRPO baseline: dual-clip PPO surrogate with clip-higher, token-level mean."""
-    return _policy_loss(logp, old_logp, advantages, mask, cfg, num_tokens, use_influence=False)
+    return _policy_loss(logp, old_logp, advantages, mask, cfg, num_tokens, False, shards)
 
 
 def fipo_policy_loss(
@@ -170,14 +199,14 @@ def fipo_policy_loss(
     mask: torch.Tensor,
     cfg: FIPOConfig,
     num_tokens: float | torch.Tensor | None = None,
+    shards: SequenceShards = LOCAL_SHARDS,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """FIPO loss: the DAPO surrogate on advantages re-weighted by clip(exp(Future-KL)).
 
-    logp, old_logp, mask: [B, L]; advantages: [B] or [B, L]. ``num_tokens`` is the token-mean
-    denominator; default is this batch's valid response tokens. With
-    ``filter_dual_clip_sequences``, a sequence with two or more negative-advantage tokens held by
-    the dual-clip bound contributes zero to the numerator but stays in that denominator, so the
-    mean is exact across micro-batches (the official code instead divides each micro-batch by
-    its own surviving tokens).
+    logp, old_logp, mask: [B, L]; advantages: [B] or [B, L]. The loss is the token mean over the
+    tokens that survive the sequence filter (``filter_dual_clip_sequences``: a sequence with two or
+    more negative-advantage tokens held by the dual clip leaves numerator and denominator), as in
+    the official code; ``num_tokens`` overrides the denominator (the actor passes 1 and lets
+    Megatron divide by the global kept count, ``metrics["num_tokens_kept"]`` summed).
     """
-    return _policy_loss(logp, old_logp, advantages, mask, cfg, num_tokens, use_influence=True)
+    return _policy_loss(logp, old_logp, advantages, mask, cfg, num_tokens, True, shards)

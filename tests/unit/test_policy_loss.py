@@ -50,10 +50,10 @@ def test_safety_cap_applies_only_to_negative_advantages():
 def test_fipo_equals_dapo_when_all_weights_are_one():
     g = torch.Generator().manual_seed(1)
     logp = -torch.rand(4, 9, generator=g)
-    old = logp + 0.3 * torch.randn(4, 9, generator=g)
+    old = logp + 0.3 * torch.rand(4, 9, generator=g)  # every delta < 0: exp(Future-KL) < 1, clipped up to 1
     adv = torch.tensor([1.0, -0.5, 0.25, -2.0])
     mask = (torch.rand(4, 9, generator=g) > 0.2).float()
-    cfg = FIPOConfig(influence_clip=0.0, filter_dual_clip_sequences=False)
+    cfg = FIPOConfig(influence_clip_high_only=True, filter_dual_clip_sequences=False)
     fipo, _ = fipo_policy_loss(logp, old, adv, mask, cfg)
     dapo, _ = dapo_policy_loss(logp, old, adv, mask, cfg)
     assert fipo.item() == pytest.approx(dapo.item(), abs=1e-7)
@@ -92,11 +92,13 @@ def test_sequence_filter_drops_exactly_sequences_with_two_dual_clipped_negatives
     mask = torch.ones(3, 3)
     loss, m = fipo_policy_loss(logp, torch.zeros(3, 3), adv, mask, cfg)
     assert m["seqs_filtered"] == 1.0
+    assert (m["num_tokens"], m["num_tokens_kept"]) == (9.0, 6.0)
     no_filter, _ = fipo_policy_loss(logp, torch.zeros(3, 3), adv, mask, FIPOConfig(dual_clip_c=10.0, decay_rate=1.0, filter_dual_clip_sequences=False))
-    # Row 0 (the dropped one): two tokens capped at -A*f*c = 10*f, one at ratio 1 -> f.
+    # Row 0 (the dropped one): two tokens capped at -A*f*c = 10*f, one at ratio 1 -> f. It leaves the
+    # numerator and the denominator: the mean is over the 6 surviving tokens.
     iw = _iw(logp.clamp(-20, 20), adv.unsqueeze(1).expand(3, 3), cfg)
     row0 = (10.0 * iw.weight[0, 0] + 10.0 * iw.weight[0, 1] + iw.weight[0, 2] * 1.0).item()
-    assert (no_filter - loss).item() * 9 == pytest.approx(row0, rel=1e-6)
+    assert loss.item() * 6 == pytest.approx(no_filter.item() * 9 - row0, rel=1e-6)
 
 
 def test_metrics_and_empty_mask():
@@ -125,6 +127,18 @@ def test_num_tokens_sets_the_denominator():
 def test_config_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         FIPOConfig(**kwargs)
+
+
+def test_influence_clip_zero_is_the_official_cap_at_ten():
+    # future_kl_clip_ratio == 0 in the official code: min(exp(FKL), 10), no lower bound.
+    cfg = FIPOConfig(decay_rate=1.0, influence_clip=0.0)
+    assert cfg.influence_bounds == (0.0, 10.0)
+    delta = torch.tensor([[math.log(3.0), -math.log(4.0), 0.0]])  # ratios 3 and 1/4: below safety and dual clip
+    iw = _iw(delta, torch.ones(1, 3), cfg)
+    # FKL = [ln3 + (-ln4)/2, -ln4, 0] -> exp: [3/2, 1/4, 1], none clipped.
+    torch.testing.assert_close(iw.weight, torch.tensor([[1.5, 0.25, 1.0]]), rtol=1e-6, atol=0)
+    big = _iw(torch.tensor([[2.0, 2.0]]), torch.ones(1, 2), cfg)  # FKL = 2 + 2/2 = 3: e^3 > 10
+    assert big.weight[0, 0].item() == 10.0
 
 
 def test_defaults_are_the_32b_recipe():
