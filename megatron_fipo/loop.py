@@ -169,7 +169,8 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             summary["plot"] = str(plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png"))
             self.metrics.close()
-        return summary
+            return summary
+        return {}  # one summary per run: rank 0 prints it
 
     def _log(self, step: int, metrics: dict) -> None:
         if self.metrics is not None:
@@ -350,6 +351,7 @@ def _trainer(cfg: RunConfig):
 
 
 def train(cfg: RunConfig) -> dict:
+    """The run's summary on rank 0; {} on the other ranks and when a signal stopped the run."""
     with _trainer(cfg) as trainer:
         return trainer.run()
 

@@ -59,16 +59,17 @@ def _submit(run_dir: Path, env: dict, *overrides: str) -> str:
 
 
 def test_tiny_job_through_sbatch(slurm_env, tmp_path):
-    job = _submit(tmp_path, slurm_env)
+    """Two trainer ranks (TP=2): the job ends COMPLETED only if every rank exits 0; rank 0 alone reports."""
+    job = _submit(tmp_path, slurm_env, "launch.nproc_per_node=2", "parallel.tensor_model_parallel_size=2")
     info = _wait_done(job, slurm_env)
     log = (tmp_path / "launch" / f"slurm-{job}.out").read_text()
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
     assert metric_steps(tmp_path) == [0, 1, 2]
-    assert "in 2 FIPO steps" in log
+    assert log.count("in 2 FIPO steps") == 1 and log.count('"optimizer_steps"') == 1, log[-3000:]
     # What ran is the resolved config written beside the script, overrides included.
     script = (tmp_path / "launch" / "job.sbatch").read_text()
-    assert f"train {tmp_path}/launch/config.yaml" in script and "--nproc-per-node 1" in script
+    assert f"train {tmp_path}/launch/config.yaml" in script and "--nproc-per-node 2" in script
     assert "total_steps: 2" in (tmp_path / "launch" / "config.yaml").read_text()
 
 
