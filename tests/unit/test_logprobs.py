@@ -19,12 +19,13 @@ def test_kernel_matches_log_softmax_values_and_gradient(temperature):
     logp, ent = vocab_parallel_logprob_entropy(logits, target, temperature)
     ref_logits = logits.detach().clone().requires_grad_()
     ref_logp, ref_ent = reference_logprob_entropy(ref_logits, target, temperature)
-    torch.testing.assert_close(logp, ref_logp, rtol=0, atol=1e-6)
-    torch.testing.assert_close(ent, ref_ent, rtol=0, atol=1e-6)
+    # Logprobs here reach ~-17: float32 rounding scales with the value (1.9e-6 seen on one machine).
+    torch.testing.assert_close(logp, ref_logp, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-6, atol=1e-6)
     weights = torch.randn(37, generator=g)
     (logp * weights).sum().backward()
     (ref_logp * weights).sum().backward()
-    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-6 * ref_logits.grad.abs().max().item())
     assert not ent.requires_grad  # entropy is a diagnostic only
 
 
@@ -42,7 +43,7 @@ def test_vocab_shards_assemble_like_the_full_vocabulary():
         inside = (local >= 0) & (local < 4)
         parts.append((z.exp().sum(-1), (z.gather(-1, local.clamp(0, 3).unsqueeze(-1)).squeeze(-1) * inside)))
     logp = sum(p[1] for p in parts) - torch.log(sum(p[0] for p in parts))
-    torch.testing.assert_close(logp, ref_logp, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logp, ref_logp, rtol=1e-6, atol=1e-6)
 
 
 def test_chunked_output_processor_matches_unchunked_and_is_order_preserving():
@@ -62,6 +63,6 @@ def test_chunked_output_processor_matches_unchunked_and_is_order_preserving():
         grad_h, grad_w = torch.autograd.grad(logp.sum(), (hidden, weight))
         out[chunk] = (logp.detach(), ctx.entropy, grad_h, grad_w)
     ref, _ = reference_logprob_entropy((hidden @ weight.T).transpose(0, 1), labels)
-    torch.testing.assert_close(out[7][0], ref.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[7][0], ref.detach(), rtol=1e-5, atol=1e-5)
     for a, b in zip(out[7], out[50]):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
