@@ -228,6 +228,39 @@ def _restore_adam_steps(optimizer) -> None:
                     inner.state[p]["step"] = torch.tensor(step, dtype=torch.float32)
 
 
+# Param-group keys Megatron fills from the optimizer config; the rest of its identifier tells groups apart.
+_CONFIG_GROUP_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
+
+
+def _take_current_hyperparameters(optimizer, saved: Any) -> None:
+    """Give the saved param groups this run's hyper-parameters, keeping their state (e.g. Adam's step).
+
+    Megatron matches saved groups to current ones by a tuple that includes max_lr and min_lr, and a
+    loaded group brings its lr, weight decay, betas and eps along: a resume with a new optim.lr
+    failed with a KeyError, and would otherwise have gone on with the old values. Groups are paired
+    by the identifier's other keys (wd_mult, lr_mult, ...), which the config does not set.
+    """
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    structural = [k for k in param_group_identifier_keys if k not in _CONFIG_GROUP_KEYS]
+    ident = lambda group: tuple(group.get(k) for k in structural)  # noqa: E731
+    current = {ident(g): g for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+               for g in opt.optimizer.param_groups}
+
+    def visit(node: Any) -> None:  # one "param_groups" list per torch optimizer, however Megatron nests them
+        if isinstance(node, dict):
+            if isinstance(node.get("param_groups"), list):
+                for group in node["param_groups"]:
+                    group.update({k: v for k, v in current[ident(group)].items() if k not in ("params", "step")})
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(saved)
+
+
 @torch.no_grad()
 def load_checkpoint(actor, root: str | Path) -> Optional[dict[str, Any]]:
     """Restore the newest complete checkpoint under ``root``; returns its common state, or None."""
@@ -240,10 +273,14 @@ def load_checkpoint(actor, root: str | Path) -> Optional[dict[str, Any]]:
     loaded = dist_checkpointing.load(template, str(_step_dir(Path(root), step)))
     for i, chunk in enumerate(actor.chunks):
         chunk.load_state_dict(loaded[f"model{i}"])
+    _take_current_hyperparameters(actor.optimizer, loaded["optimizer"])
     actor.optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(actor.optimizer)
     _set_rng_state(loaded["rng"].view(-1))
     common = loaded["common"]
+    # The schedule's shape (lr, warmup, decay, weight decay) comes from this run's config; its
+    # position (steps taken) from the checkpoint. Megatron would otherwise assert they are unchanged.
+    actor.scheduler.override_opt_param_scheduler = True
     actor.scheduler.load_state_dict(common["scheduler"])
     actor.steps = common["optimizer_steps"]
     actor.skipped_updates = common["skipped_updates"]
