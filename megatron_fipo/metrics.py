@@ -10,11 +10,9 @@ from pathlib import Path
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, tensorboard: bool = True, wandb_project: str = "", config: dict | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.tb_dir = Path(run_dir) / "tensorboard" if tensorboard else None
+        self.tb = None  # opened at the first point, once truncate_after said where the run goes on
+        self.purge_step: int | None = None
         self.wandb = None
         if wandb_project:
             import wandb  # optional dependency, only when asked for
@@ -25,7 +23,11 @@ class MetricsLogger:
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
         with self.path.open("a") as fh:
             fh.write(json.dumps({"step": step, **clean}) + "\n")
-        if self.tb is not None:
+        if self.tb_dir is not None:
+            if self.tb is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.tb_dir), purge_step=self.purge_step)
             for key, value in clean.items():
                 self.tb.add_scalar(key, value, step)
             self.tb.flush()
@@ -33,7 +35,13 @@ class MetricsLogger:
             self.wandb.log(clean, step=step)
 
     def truncate_after(self, step: int) -> None:
-        """Drop lines logged after ``step`` (a resumed run replays them)."""
+        """Drop points logged after ``step`` (a resumed run replays them).
+
+        metrics.jsonl is rewritten; TensorBoard's event files are append-only, so the new one starts
+        with a purge marker (SessionLog START at step + 1) that makes readers drop the earlier files'
+        points from that step on, whatever their tags.
+        """
+        self.purge_step = step + 1
         if not self.path.is_file():
             return
         keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
