@@ -293,16 +293,16 @@ class Trainer:
         seqs = SequenceBatch([samples[i].prompt_ids for i in mine], [samples[i].response_ids for i in mine])
 
         t1 = time.time()
-        old_logp, entropy = self.actor.compute_logprobs(seqs, self.cfg.rollout.temperature)
+        row_of = {i: k for k, i in enumerate(mine)}
+        rows_of = [[row_of[i] for i in mb] for mb in minibatches]
+        old_logp, entropy = self.actor.compute_logprobs(seqs, self.cfg.rollout.temperature, minibatches=rows_of)
         mask = seqs.response_mask()
         rollout_logp = pad_rows([samples[i].logprobs for i in mine], mask.shape[1])
         gap = ((old_logp - rollout_logp).abs() * mask).sum()
         kl = ((rollout_logp - old_logp) * mask).sum()
-        row_of = {i: k for k, i in enumerate(mine)}
         step_metrics, results = {}, []
         for _ in range(tr.ppo_epochs):
-            for mb in minibatches:
-                rows = [row_of[i] for i in mb]
+            for mb, rows in zip(minibatches, rows_of):
                 res = self.actor.train_step(seqs.select(rows), old_logp[rows], advantages[mb], self.cfg.rollout.temperature)
                 results.append(res)
         t_train = time.time() - t1

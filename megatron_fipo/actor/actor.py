@@ -134,8 +134,15 @@ class MegatronActor:
 
     # ---- public API -------------------------------------------------------------------------
     @torch.no_grad()
-    def compute_logprobs(self, batch: SequenceBatch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logp, entropy), each [B, max_response_len] fp32 on CPU, 0 on padding, on every rank."""
+    def compute_logprobs(
+        self, batch: SequenceBatch, temperature: float = 1.0, minibatches: Optional[list[list[int]]] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logp, entropy), each [B, max_response_len] fp32 on CPU, 0 on padding, on every rank.
+
+        ``minibatches``: the row groups that ``train_step`` will take as PPO mini-batches. Each is
+        split into micro-batches exactly as the update splits it, so the first update's forward runs
+        the same GEMM shapes and its Delta logp is exactly 0 in any precision.
+        """
         for m in self.model:
             m.eval()
         logp = torch.zeros(len(batch), batch.max_response_length)
@@ -149,7 +156,11 @@ class MegatronActor:
             zero = torch.zeros((), device=output_tensor.device)
             return zero, torch.tensor(1, dtype=torch.int), {}
 
-        mbs = self.microbatches(batch)
+        mbs = []
+        for rows in minibatches or [list(range(len(batch)))]:
+            for mb in self.microbatches(batch.select(rows)):
+                mb.sample_index = torch.tensor(rows, dtype=torch.long)[mb.sample_index]
+                mbs.append(mb)
         if mbs:
             self._run(mbs, collect, forward_only=True, temperature=temperature)
         stacked = self._broadcast_from_last_stage(torch.stack([logp, entropy]).to(self.device)).cpu()

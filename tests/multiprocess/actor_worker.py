@@ -19,6 +19,11 @@ def batch(step: int):
     responses = [torch.randint(1, 256, (r,), generator=g).tolist() for _, r in lens]
     adv = torch.randn(len(lens), generator=g)
     noise = 0.3 * torch.randn(len(lens), max(r for _, r in lens), generator=g)
+    # Two negative-advantage samples with two tokens each at ratio e^3 > dual_clip_c: the dual clip
+    # holds them, they leave Future-KL, and the sequence filter drops both samples.
+    for row, cols in ((1, [0, 2]), (3, [1, 4])):
+        adv[row] = -adv[row].abs()
+        noise[row, cols] = 3.0
     return SequenceBatch(prompts, responses), adv, noise
 
 
@@ -33,6 +38,7 @@ def main() -> None:
 
     from megatron_fipo.actor.actor import build_actor
     from megatron_fipo.actor.checkpoint import load_checkpoint, save_checkpoint
+    from megatron_fipo.algo import fipo_policy_loss
     from megatron_fipo.bridge.hf_io import HFCheckpointReader, write_hf_checkpoint
     from megatron_fipo.bridge.weights import iter_hf_buckets, load_hf_weights
     from megatron_fipo.config import TrainerSections
@@ -61,9 +67,12 @@ def main() -> None:
         dp_rank, dp_size = actor.ps.get_data_parallel_rank(), actor.dp_size
         loss, tokens, _, metrics = actor.compute_gradients(*dp_shard(seqs, adv, old, dp_rank, dp_size))
         actor.optimizer.prepare_grads()
+        # The loss function itself on the whole batch in one piece: what the official code computes.
+        whole, whole_metrics = fipo_policy_loss(logp, old, adv, seqs.response_mask(), actor.sections.algo)
         results[tag] = {"logp": logp, "entropy": ent, "loss": loss, "tokens": tokens,
                         "grad_norm": float(actor.optimizer.get_grad_norm()),
-                        "seqs_filtered": metrics.get("seqs_filtered", 0.0)}
+                        "seqs_filtered": metrics.get("seqs_filtered", 0.0),
+                        "whole_batch_loss": whole.item(), "whole_batch_filtered": whole_metrics["seqs_filtered"]}
         return old
 
     def export(actor, name):
@@ -105,6 +114,23 @@ def main() -> None:
                     results[name] = {"loss": loss, "grads": grads, "num_microbatches": n_mb}
                 actor.sections.actor.max_tokens_per_microbatch = 64
                 actor.sections.actor.packing = "on"
+    if mode == "reference":
+        # Delta logp on the first PPO mini-batch of a step, old logprobs taken over the update's own
+        # mini-batch partition (the loop's way) or over the whole batch at once.
+        halves = [[0, 1, 2, 3], [4, 5, 6, 7]]
+        for precision in ("fp32", "bf16"):
+            actor = make(hf_untied, [f"actor.precision={precision}", "actor.max_tokens_per_microbatch=40"])
+            shapes = []  # token-grid shapes of the micro-batches of each forward pass
+            run = actor._run
+            actor._run = lambda mbs, *a, **k: shapes.append([tuple(mb.tokens.shape) for mb in mbs]) or run(mbs, *a, **k)
+            for how, groups in (("per_minibatch", halves), ("whole_batch", None)):
+                shapes.clear()
+                old, _ = actor.compute_logprobs(seqs, minibatches=groups)
+                first = actor.compute_gradients(seqs.select(halves[0]), old[halves[0]], adv[halves[0]])[3]
+                actor.compute_gradients(seqs.select(halves[1]), old[halves[1]], adv[halves[1]])
+                results[f"first_minibatch_{precision}_{how}"] = {
+                    "delta_logp": max(first["delta_logp/pos_abs_mean"], first["delta_logp/neg_abs_mean"]),
+                    "same_shapes": shapes[0] == shapes[1] + shapes[2]}
     if mode in ("reference", "resume"):
         actor = make(hf_untied)
         ckpt = f"{out}/ckpt" if mode == "reference" else opts.get("ckpt")

@@ -46,12 +46,16 @@ def runs(hf_dirs, tmp_path_factory):
 @pytest.mark.parametrize("tag", ["untied", "tied"])
 def test_layout_equals_reference(runs, layout, tag):
     ref, got = runs["reference"][1][tag], runs[layout][1][tag]
-    torch.testing.assert_close(got["logp"], ref["logp"], rtol=0, atol=1e-5)
-    torch.testing.assert_close(got["entropy"], ref["entropy"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got["logp"], ref["logp"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["entropy"], ref["entropy"], rtol=1e-5, atol=1e-6)
     assert got["tokens"] == ref["tokens"]
-    assert got["loss"] == pytest.approx(ref["loss"], abs=1e-5)
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
     assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
     assert ref["grad_norm"] > 0
+    # The sequence filter dropped the two planted samples, and the loss over micro-batches and ranks
+    # is the loss function's own on the whole batch: the mean over the surviving tokens.
+    assert ref["whole_batch_filtered"] == 2
+    assert got["loss"] == pytest.approx(ref["whole_batch_loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["reference", *LAYOUTS])
@@ -69,9 +73,10 @@ def test_bridge_export_round_trip_is_bit_exact(runs, hf_dirs, layout, tag):
 def test_microbatch_split_gives_the_same_gradient(runs):
     res = runs["reference"][1]
     assert [res[k]["num_microbatches"] for k in ("mb1", "mb2", "mb4")] == [1, 2, 4]
+    scale = res["mb1"]["grads"].abs().max().item()
     for k in ("mb2", "mb4", "padded"):
-        assert res[k]["loss"] == pytest.approx(res["mb1"]["loss"], abs=1e-6)
-        torch.testing.assert_close(res[k]["grads"], res["mb1"]["grads"], rtol=0, atol=1e-6)
+        assert res[k]["loss"] == pytest.approx(res["mb1"]["loss"], rel=1e-6)
+        torch.testing.assert_close(res[k]["grads"], res["mb1"]["grads"], rtol=1e-5, atol=1e-6 * scale)
 
 
 def test_resume_equals_uninterrupted_bit_for_bit(runs, hf_dirs, tmp_path):
@@ -87,7 +92,7 @@ def test_resume_with_a_different_dp_size(runs, hf_dirs, tmp_path):
     torchrun(2, WORKER, str(tmp_path), *map(str, hf_dirs), "mode=resume", f"ckpt={ref_dir / 'ckpt'}")
     resumed = torch.load(tmp_path / "results.pt", weights_only=True)
     # DP=2 reduces in another order: equal to fp32 rounding, not bit for bit.
-    assert resumed["resumed_losses"] == pytest.approx(ref["uninterrupted_losses"], abs=1e-5)
+    assert resumed["resumed_losses"] == pytest.approx(ref["uninterrupted_losses"], rel=1e-5)
 
 
 @pytest.mark.parametrize("tag", ["untied", "tied"])
@@ -98,3 +103,13 @@ def test_actor_and_embedded_engine_logprobs_agree(runs, tag):
 
 def test_nan_loss_skips_the_update(runs):
     assert runs["reference"][1]["nan_step"] == {"updated": False, "skipped": 1, "unchanged": True}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_first_minibatch_has_zero_delta_logp(runs, precision):
+    res = runs["reference"][1]
+    # Old logprobs over the update's own micro-batch partition: the same GEMM shapes, ratio 1 exactly.
+    assert res[f"first_minibatch_{precision}_per_minibatch"] == {"delta_logp": 0.0, "same_shapes": True}
+    # Over the whole batch the partition differs. This CPU's kernels happen to give the same bits for
+    # other shapes; GPU GEMMs (tile and split-K choices) do not, which is why the partition must match.
+    assert not res[f"first_minibatch_{precision}_whole_batch"]["same_shapes"]
