@@ -64,8 +64,7 @@ class OptimConfig:
 
 @dataclass
 class ActorConfig:
-    # Path to a Hugging Face config.json (or its directory) of a Qwen2 / Qwen2.5 / Llama dense model;
-    # empty = load_hf's config.json.
+    # Path to a Hugging Face config.json (or its directory) of a Qwen2 / Qwen2.5 / Llama dense model.
     model_config: str = ""
     # Initial weights: a Hugging Face safetensors directory, or empty for random init (tests, tiny job).
     load_hf: str = ""
@@ -84,14 +83,16 @@ class ActorConfig:
     packing: Literal["auto", "on", "off"] = "auto"
     # Sequence chunk for vocab-parallel logprobs: bounds the live [chunk, vocab/TP] fp32 logits.
     logprob_chunk_size: int = 1024
+    # Colocated: move the trainer's weights, grads and optimizer state off the GPU while SGLang
+    # generates, and back for training. The memory ledger (megatron_fipo/plan) counts the trainer's
+    # residual during rollouts and the host RAM this takes from it.
+    offload: bool = False
     seed: int = 1234
 
     def __post_init__(self) -> None:
         if self.load_hf and self.load_megatron:
             raise ConfigError("actor.load_hf and actor.load_megatron are both set; the initial weights come from one: "
                               "set the other to ''")
-        if not self.model_config and self.load_hf:
-            self.model_config = self.load_hf  # an HF model directory describes itself
         if self.max_tokens_per_microbatch < 1:
             raise ConfigError("actor.max_tokens_per_microbatch must be >= 1")
         if self.logprob_chunk_size < 1:
@@ -233,6 +234,8 @@ class LaunchConfig:
 
     nodes: int = 1
     gpus_per_node: int = 8  # GPUs requested per node; 0 for a CPU job
+    # The nodes' GPU, one of megatron_fipo/plan/hardware.py's: the memory ledger's budget per GPU.
+    gpu_type: str = "h100-80gb"
     nproc_per_node: int = 8  # trainer processes per node (torchrun)
     # Disaggregated rollouts: the last sglang_nodes nodes run only SGLang servers.
     sglang_nodes: int = 0

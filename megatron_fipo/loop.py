@@ -28,7 +28,7 @@ from megatron_fipo.bridge.hf_io import HFCheckpointReader
 from megatron_fipo.bridge.weights import iter_hf_buckets, load_hf_weights
 from megatron_fipo.config import RunConfig
 from megatron_fipo.config_base import save_config
-from megatron_fipo.data.setup import DataBundle
+from megatron_fipo.data.setup import DataBundle, setup_data
 from megatron_fipo.metrics import MetricsLogger, merge_metrics
 from megatron_fipo.model_arch import ModelArch
 from megatron_fipo.plotting import plot_run
@@ -74,9 +74,8 @@ def _broadcast(obj):
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, data: DataBundle):
+    def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.data = data  # built and checked by the CLI before torch loaded: bad data never gets this far
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.stop_requested = False
@@ -86,7 +85,7 @@ class Trainer:
         if self.is_rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-            data.save(self.run_dir)
+        self.data: DataBundle = setup_data(cfg, self.run_dir, arch)
         if cfg.actor.load_hf:
             load_hf_weights(self.actor, HFCheckpointReader(cfg.actor.load_hf))
         elif cfg.actor.load_megatron:
@@ -342,8 +341,8 @@ class Trainer:
 
 
 @contextmanager
-def _trainer(cfg: RunConfig, data: DataBundle):
-    trainer = Trainer(cfg, data)
+def _trainer(cfg: RunConfig):
+    trainer = Trainer(cfg)
     try:
         yield trainer
     finally:
@@ -351,20 +350,20 @@ def _trainer(cfg: RunConfig, data: DataBundle):
             trainer.engine.shutdown()  # SGLang servers must not outlive the run
 
 
-def train(cfg: RunConfig, data: DataBundle) -> dict:
+def train(cfg: RunConfig) -> dict:
     """The run's summary on rank 0; {} on the other ranks and when a signal stopped the run."""
-    with _trainer(cfg, data) as trainer:
+    with _trainer(cfg) as trainer:
         return trainer.run()
 
 
-def evaluate(cfg: RunConfig, data: DataBundle) -> dict:
+def evaluate(cfg: RunConfig) -> dict:
     """avg@k on the eval set for the weights ``actor.load_megatron`` / ``actor.load_hf`` name.
 
     Writes ``run_dir/eval.json``; the run directory is the evaluation's own, not the trained run's.
     A training run's checkpoint is scored with the sampling seed that run used at that step, so the
     embedded engine reproduces the run's own eval exactly.
     """
-    with _trainer(cfg, data) as trainer:
+    with _trainer(cfg) as trainer:
         if cfg.actor.load_megatron:
             source = model_checkpoint_dir(cfg.actor.load_megatron).name
             trainer.state.step = int(source.removeprefix("step_")) if source.startswith("step_") else 0

@@ -10,6 +10,9 @@ from megatron_fipo.launch.sbatch import render_sbatch
 from megatron_fipo.validation import validate_launch
 
 RECIPE_32B = "examples/qwen2.5-32b-fipo-h100.yaml"
+# The 32B on one node: at DP=1 its whole optimizer state sits on each GPU, which 80 GB H100s cannot
+# hold (the memory ledger refuses it); 180 GB B200s can.
+ONE_NODE = ("launch.nodes=1", "launch.gpu_type=b200")
 
 
 def _cfg(*overrides: str, recipe: str = RECIPE_32B) -> RunConfig:
@@ -71,7 +74,7 @@ def test_disaggregated_serves_on_the_last_nodes_and_trains_on_the_rest():
 
 
 def test_single_node_leaves_the_servers_to_the_trainer_and_adds_containers():
-    text = _script("launch.nodes=1", "rollout.sglang.num_servers=2",
+    text = _script(*ONE_NODE, "rollout.sglang.num_servers=2",
                    "launch.container_image=nvcr.io/nvidia/pytorch:25.09-py3", "launch.container_mounts=[/data:/data,/repo:/repo]", "launch.log_dir=/logs", "launch.requeue=true",
                    "launch.sbatch_directives=[--exclusive]", "launch.env={NCCL_DEBUG: WARN}")
     assert "sglang.launch_server" not in text and "rollout.sglang.urls" not in text
@@ -106,7 +109,7 @@ def test_cpu_job_requests_no_gpus():
 
 
 def test_script_is_valid_bash():
-    for text in (_script(), _script("launch.nodes=1", "rollout.sglang.num_servers=2", "launch.requeue=true")):
+    for text in (_script(), _script(*ONE_NODE, "rollout.sglang.num_servers=2", "launch.requeue=true")):
         subprocess.run(["bash", "-n"], input=text, text=True, check=True)
 
 
