@@ -1,4 +1,4 @@
-"""megatron-fipo: train, eval, convert, launch."""
+"""megatron-fipo: train, eval, convert, launch, config."""
 
 from __future__ import annotations
 
@@ -7,26 +7,40 @@ import json
 import logging
 import sys
 import warnings
+from pathlib import Path
 
+from megatron_fipo import __version__
 from megatron_fipo.config_base import ConfigError
 
 
 def _load(path: str, overrides: list[str]):
+    """A YAML config, or a run directory (its config.yaml), with key=value overrides."""
     from megatron_fipo.config import RunConfig
     from megatron_fipo.config_base import load_config
 
+    if Path(path).is_dir() and (Path(path) / "config.yaml").is_file():
+        path = str(Path(path) / "config.yaml")
     return load_config(RunConfig, path, overrides)
 
 
-def cmd_train(args) -> int:
-    from megatron_fipo.validation import gpus_visible, validate_memory, validate_run, world_size_from_env
+def _prepare(cfg):
+    """Config, local inputs and data sets, all checked before torch loads (with a sentencepiece
+    tokenizer) and before anything is written: a bad input leaves no run directory behind."""
+    from megatron_fipo.data.setup import setup_data
+    from megatron_fipo.validation import gpus_visible, validate_inputs, validate_memory, validate_run, world_size_from_env
 
-    cfg = _load(args.config, args.overrides)
-    arch = validate_run(cfg)  # config errors surface in milliseconds, before torch and Megatron load
+    validate_inputs(cfg)
+    arch = validate_run(cfg)
     validate_memory(cfg, arch, world_size_from_env(), enforce=gpus_visible())  # refuses only on GPUs
+    return setup_data(cfg, arch)
+
+
+def cmd_train(args) -> int:
+    cfg = _load(args.config, args.overrides)
+    data = _prepare(cfg)
     from megatron_fipo.loop import train
 
-    summary = train(cfg)
+    summary = train(cfg, data)
     if summary:
         gain = 100 * (summary["eval_accuracy_end"] - summary["eval_accuracy_start"])
         print(json.dumps(summary, indent=2))
@@ -36,17 +50,32 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from megatron_fipo.validation import validate_run
+def _eval_defaults(config: str, overrides: list[str]) -> list[str]:
+    """What ``eval`` of a training run means unless the overrides say otherwise: its newest checkpoint,
+    its own tokenizer, and output in RUN_DIR/eval, never in the training run's own files."""
+    given = {text.split("=", 1)[0] for text in overrides}
+    cfg = _load(config, [text for text in overrides if not text.startswith("run_dir=")])  # the trained run's
+    source = Path(config) if Path(config).is_dir() else Path(config).parent
+    run = source if (source / "checkpoints").is_dir() else Path(cfg.run_dir)  # RUN_DIR/config.yaml, or a config's run
+    defaults = [] if "run_dir" in given else [f"run_dir={run / 'eval'}"]
+    # checkpoints/latest names the newest complete step (actor/checkpoint.py; read here without torch).
+    if not given & {"actor.load_megatron", "actor.load_hf"} and (run / "checkpoints" / "latest").is_file():
+        defaults += [f"actor.load_megatron={run / 'checkpoints'}", "actor.load_hf="]
+    elif not (cfg.actor.load_megatron or cfg.actor.load_hf):
+        raise ConfigError(f"eval needs weights: {run} has no checkpoint; give actor.load_megatron=RUN_DIR/checkpoints "
+                          "(a run's newest step) or actor.load_hf=HF_DIR")
+    trained = run / "tokenizer.model"
+    if cfg.data.tokenizer == "sentencepiece" and not cfg.data.tokenizer_path and trained.is_file():
+        defaults.append(f"data.tokenizer_path={trained}")
+    return defaults + overrides
 
-    cfg = _load(args.config, args.overrides)
-    if not (cfg.actor.load_megatron or cfg.actor.load_hf):
-        raise ConfigError("eval needs weights: actor.load_megatron=RUN_DIR/checkpoints (a run's newest step) "
-                          "or actor.load_hf=HF_DIR")
-    validate_run(cfg)
+
+def cmd_eval(args) -> int:
+    cfg = _load(args.config, _eval_defaults(args.config, args.overrides))
+    data = _prepare(cfg)
     from megatron_fipo.loop import evaluate
 
-    summary = evaluate(cfg)
+    summary = evaluate(cfg, data)
     print(json.dumps(summary, indent=2))
     print(f"eval accuracy {100 * summary['eval_accuracy']:.1f}% (avg@{summary['samples_per_problem']} over "
           f"{summary['eval_problems']} problems); written to {cfg.run_dir}/eval.json")
@@ -102,6 +131,25 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    """The resolved config with every default (YAML), or the reference page of every key (Markdown)."""
+    from megatron_fipo.config import RunConfig
+
+    if args.reference:
+        from megatron_fipo.config_reference import reference_markdown
+
+        print(reference_markdown(RunConfig), end="")
+        return 0
+    if not args.config:
+        raise ConfigError("config: give a CONFIG (e.g. examples/tiny_cpu.yaml), or --reference for every key")
+    import yaml
+
+    from megatron_fipo.config_base import to_dict
+
+    print(yaml.safe_dump(to_dict(_load(args.config, args.overrides)), sort_keys=False), end="")
+    return 0
+
+
 def cmd_plan(args) -> int:
     """The memory ledger of a config as ``launch.*`` places it: a table per phase; exit 1 if it does not fit."""
     from megatron_fipo.plan.hardware import gpu
@@ -136,15 +184,17 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     parser = argparse.ArgumentParser(prog="megatron-fipo", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"megatron-fipo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run FIPO (resumes if run_dir has a checkpoint)")
     train.add_argument("config", help="YAML config, e.g. examples/tiny_cpu.yaml")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run_dir=runs/x trainer.total_steps=5")
     train.set_defaults(func=cmd_train)
-    evaluate = sub.add_parser("eval", help="avg@k on the eval set for actor.load_megatron / actor.load_hf weights")
-    evaluate.add_argument("config", help="the run's YAML config (its RUN_DIR/config.yaml works)")
+    evaluate = sub.add_parser("eval", help="avg@k on the eval set: a run's newest checkpoint, or actor.load_megatron / "
+                              "actor.load_hf weights; writes RUN_DIR/eval/eval.json unless run_dir= says otherwise")
+    evaluate.add_argument("config", help="a run directory (or its config.yaml), or a YAML config")
     evaluate.add_argument("overrides", nargs="*",
-                          help="e.g. run_dir=runs/x-eval actor.load_megatron=runs/x/checkpoints rollout.eval_n_samples=32")
+                          help="e.g. run_dir=runs/x-eval actor.load_hf=HF_DIR rollout.eval_n_samples=32")
     evaluate.set_defaults(func=cmd_eval)
     launch = sub.add_parser("launch", help="run on a cluster: an sbatch script, or a NeMo-Run experiment")
     launch.add_argument("backend", choices=["slurm", "nemo-run"])
@@ -162,11 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                          help="dtype of the converted weights (auto: the source's)")
     convert.add_argument("--hf-config", default="",
-                         help="--to hf: HF dir with config.json and tokenizer (default SOURCE/hf_config)")
+                         help="--to hf: HF dir with config.json and tokenizer (default SOURCE/hf_config; for "
+                              "RUN_DIR/checkpoints, the run's actor.model_config and tokenizer)")
     convert.add_argument("--shard-mb", type=float, default=2048, help="--to hf: safetensors shard size")
     convert.add_argument("--dry-run", action="store_true",
                          help="print the parameter mapping and check names and shapes; load no weights")
     convert.set_defaults(func=cmd_convert)
+    config = sub.add_parser("config", help="print the resolved config with every default (or --reference: every key)")
+    config.add_argument("config", nargs="?", help="YAML config or run directory")
+    config.add_argument("overrides", nargs="*", help="key=value overrides")
+    config.add_argument("--reference", action="store_true",
+                        help="print the reference of every key (type, default, meaning) as Markdown")
+    config.set_defaults(func=cmd_config)
     plan = sub.add_parser("plan", help="--memory: per-GPU bytes of each phase for a config's layout, and whether it fits")
     plan.add_argument("config", help="YAML config; launch.* gives the world size and GPU type")
     plan.add_argument("overrides", nargs="*", help="key=value overrides, e.g. actor.offload=true")

@@ -64,7 +64,8 @@ class OptimConfig:
 
 @dataclass
 class ActorConfig:
-    # Path to a Hugging Face config.json (or its directory) of a Qwen2 / Qwen2.5 / Llama dense model.
+    # Path to a Hugging Face config.json (or its directory) of a Qwen2 / Qwen2.5 / Llama dense model;
+    # empty = load_hf's config.json.
     model_config: str = ""
     # Initial weights: a Hugging Face safetensors directory, or empty for random init (tests, tiny job).
     load_hf: str = ""
@@ -93,6 +94,8 @@ class ActorConfig:
         if self.load_hf and self.load_megatron:
             raise ConfigError("actor.load_hf and actor.load_megatron are both set; the initial weights come from one: "
                               "set the other to ''")
+        if not self.model_config and self.load_hf:
+            self.model_config = self.load_hf  # an HF model directory describes itself
         if self.max_tokens_per_microbatch < 1:
             raise ConfigError("actor.max_tokens_per_microbatch must be >= 1")
         if self.logprob_chunk_size < 1:

@@ -123,7 +123,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key:
         raise ConfigError(f"override {text!r}: empty key")
-    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({getattr(err, 'problem', err)}); "
+                          "quote it, e.g. key='...'") from None
 
 
 def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
@@ -148,8 +152,15 @@ def _deep_merge(base: dict, top: dict) -> dict:
 def read_yaml(path: str | Path) -> dict:
     """One YAML config; ``base: other.yaml`` (relative to it) is read first and overlaid."""
     path = Path(path)
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file" + (" (a directory; give its config.yaml)" if path.is_dir() else "")
+                          + "; e.g. examples/tiny_cpu.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(err, 'problem', None) or err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of config sections")
     if "base" in data:

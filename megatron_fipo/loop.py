@@ -28,7 +28,7 @@ from megatron_fipo.bridge.hf_io import HFCheckpointReader
 from megatron_fipo.bridge.weights import iter_hf_buckets, load_hf_weights
 from megatron_fipo.config import RunConfig
 from megatron_fipo.config_base import save_config
-from megatron_fipo.data.setup import DataBundle, setup_data
+from megatron_fipo.data.setup import DataBundle
 from megatron_fipo.metrics import MetricsLogger, merge_metrics
 from megatron_fipo.model_arch import ModelArch
 from megatron_fipo.plotting import plot_run
@@ -74,8 +74,9 @@ def _broadcast(obj):
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, data: DataBundle):
         self.cfg = cfg
+        self.data = data  # built and checked by the CLI before torch loaded: bad data never gets this far
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.stop_requested = False
@@ -85,7 +86,7 @@ class Trainer:
         if self.is_rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        self.data: DataBundle = setup_data(cfg, self.run_dir, arch)
+            data.save(self.run_dir)
         if cfg.actor.load_hf:
             load_hf_weights(self.actor, HFCheckpointReader(cfg.actor.load_hf))
         elif cfg.actor.load_megatron:
@@ -341,8 +342,8 @@ class Trainer:
 
 
 @contextmanager
-def _trainer(cfg: RunConfig):
-    trainer = Trainer(cfg)
+def _trainer(cfg: RunConfig, data: DataBundle):
+    trainer = Trainer(cfg, data)
     try:
         yield trainer
     finally:
@@ -350,20 +351,20 @@ def _trainer(cfg: RunConfig):
             trainer.engine.shutdown()  # SGLang servers must not outlive the run
 
 
-def train(cfg: RunConfig) -> dict:
+def train(cfg: RunConfig, data: DataBundle) -> dict:
     """The run's summary on rank 0; {} on the other ranks and when a signal stopped the run."""
-    with _trainer(cfg) as trainer:
+    with _trainer(cfg, data) as trainer:
         return trainer.run()
 
 
-def evaluate(cfg: RunConfig) -> dict:
+def evaluate(cfg: RunConfig, data: DataBundle) -> dict:
     """avg@k on the eval set for the weights ``actor.load_megatron`` / ``actor.load_hf`` name.
 
     Writes ``run_dir/eval.json``; the run directory is the evaluation's own, not the trained run's.
     A training run's checkpoint is scored with the sampling seed that run used at that step, so the
     embedded engine reproduces the run's own eval exactly.
     """
-    with _trainer(cfg) as trainer:
+    with _trainer(cfg, data) as trainer:
         if cfg.actor.load_megatron:
             source = model_checkpoint_dir(cfg.actor.load_megatron).name
             trainer.state.step = int(source.removeprefix("step_")) if source.startswith("step_") else 0

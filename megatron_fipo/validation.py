@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 from megatron_fipo.config import ParallelConfig, RunConfig
 from megatron_fipo.config_base import ConfigError
@@ -69,8 +70,15 @@ def validate_run(cfg: RunConfig, world_size: int | None = None, has_te: bool | N
     """Everything checkable from the config, the model's config.json and the launch environment
     (or, for a job about to be launched, the world size and Transformer Engine of its nodes)."""
     if not cfg.actor.model_config:
-        raise ConfigError("actor.model_config: set it to a Hugging Face config.json (or its directory)")
+        raise ConfigError("actor.model_config: set it to a Hugging Face config.json (or its directory), "
+                          "or set actor.load_hf and its config.json is used")
     arch = ModelArch.from_hf_config(cfg.actor.model_config)
+    longest = cfg.data.max_prompt_length + cfg.rollout.max_response_length
+    if longest > arch.max_position_embeddings:
+        raise ConfigError(
+            f"data.max_prompt_length ({cfg.data.max_prompt_length}) + rollout.max_response_length "
+            f"({cfg.rollout.max_response_length}) = {longest} tokens exceeds the model's max_position_embeddings "
+            f"({arch.max_position_embeddings}, {cfg.actor.model_config}); lower one of the two")
     if has_te is None:
         has_te = importlib.util.find_spec("transformer_engine") is not None
     dp = validate_parallel(cfg.parallel, arch, world_size or world_size_from_env(), has_te)
@@ -81,6 +89,49 @@ def validate_run(cfg: RunConfig, world_size: int | None = None, has_te: bool | N
             f"the {dp} data-parallel ranks"
         )
     return arch
+
+
+_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _must_exist(key: str, path: str, what: str, is_dir: bool = False) -> None:
+    found = Path(path).is_dir() if is_dir else Path(path).is_file()
+    if not found:
+        raise ConfigError(f"{key}: {path} is not {'a directory' if is_dir else 'a file'}; set it to {what}")
+
+
+def validate_inputs(cfg: RunConfig) -> None:
+    """What a run on this machine reads, checked before torch loads: data and tokenizer paths, initial
+    weights, optional packages. Not part of validate_run: a login node that launches a job need not
+    see the cluster's paths."""
+    d, actor = cfg.data, cfg.actor
+    if d.task == "dapo_math":
+        for key, path, what in (("data.train_path", d.train_path, "a DAPO-Math-17k parquet/jsonl file"),
+                                ("data.eval_path", d.eval_path, "an AIME jsonl file")):
+            if not path:
+                raise ConfigError(f"{key}: task dapo_math needs it; set it to {what} (local: no hub downloads)")
+            _must_exist(key, path, what)
+    if d.tokenizer_path:
+        if d.tokenizer == "hf":
+            _must_exist("data.tokenizer_path", d.tokenizer_path, "a local Hugging Face tokenizer directory", True)
+            if not any((Path(d.tokenizer_path) / name).is_file() for name in _HF_TOKENIZER_FILES):
+                raise ConfigError(f"data.tokenizer_path: {d.tokenizer_path} has none of {', '.join(_HF_TOKENIZER_FILES)}; "
+                                  "set it to a Hugging Face model or tokenizer directory")
+        else:
+            _must_exist("data.tokenizer_path", d.tokenizer_path, "a sentencepiece .model file (or leave it empty "
+                        "to train one on the arithmetic task)")
+    if actor.load_hf:
+        _must_exist("actor.load_hf", actor.load_hf, "a Hugging Face safetensors directory", is_dir=True)
+    if actor.load_megatron:
+        _must_exist("actor.load_megatron", actor.load_megatron,
+                    "a Megatron checkpoint (convert --to megatron output) or a run's checkpoints directory", is_dir=True)
+    if cfg.trainer.wandb_project:
+        try:
+            import wandb  # noqa: F401  (optional: only a run that logs to W&B needs it)
+        except ImportError:
+            raise ConfigError(f"trainer.wandb_project={cfg.trainer.wandb_project!r} needs wandb, which is not "
+                              "installed: run scripts/setup_env.sh requirements-wandb.txt (or pip install -e '.[wandb]'), "
+                              "or set trainer.wandb_project=''") from None
 
 
 def validate_launch(cfg: RunConfig) -> ModelArch:

@@ -5,7 +5,9 @@ model shard. HF -> Megatron: every rank reads only its chunks of the HF tensors 
 parameter at a time, and the ranks write one dist checkpoint together: the model part of the
 trainer's checkpoints, loadable at any TP/PP (``actor.load_megatron``). The source's config.json and
 tokenizer files go along in ``hf_config/``. Megatron -> HF: the ranks load the dist checkpoint, and
-the weight bridge gathers full tensors to rank 0, which writes size-bounded safetensors shards.
+the weight bridge gathers full tensors to rank 0, which writes size-bounded safetensors shards, with the
+config.json and tokenizer files of ``--hf-config``, of the checkpoint's ``hf_config/``, or, for a
+training run's checkpoints, of the run (its actor.model_config and its tokenizer).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
@@ -31,8 +33,9 @@ from megatron_fipo.bridge.mapping import (
     shard_shape,
 )
 from megatron_fipo.bridge.weights import ModelShards, copy_hf_weights, iter_hf_buckets
-from megatron_fipo.config import ActorConfig, ParallelConfig
-from megatron_fipo.config_base import ConfigError
+from megatron_fipo.config import ActorConfig, ParallelConfig, RunConfig
+from megatron_fipo.config_base import ConfigError, load_config
+from megatron_fipo.data.setup import TRAINED_TOKENIZER
 from megatron_fipo.model_arch import ModelArch
 from megatron_fipo.progress import progress_bar
 from megatron_fipo.validation import validate_parallel
@@ -70,11 +73,42 @@ class ConvertConfig:
                 raise ConfigError(f"convert: target {target} exists and is not empty; remove it or choose another")
 
     @property
+    def training_run(self) -> Optional[RunConfig]:
+        """--to hf of RUN_DIR/checkpoints (or a step in it): the run's config, with its paths."""
+        source = Path(self.source).resolve()
+        for run in (source.parent, source.parent.parent):
+            if (run / "config.yaml").is_file() and (run / "checkpoints") in (source, source.parent):
+                return load_config(RunConfig, run / "config.yaml", [f"run_dir={run}"])
+        return None
+
+    @property
     def hf_dir(self) -> Path:
-        """The HF directory that describes the model: the source, or the Megatron checkpoint's companion."""
+        """The HF directory that describes the model: the source, the Megatron checkpoint's companion,
+        or the model config of the training run whose checkpoints these are."""
         if self.to == "megatron":
             return Path(self.source)
-        return Path(self.hf_config) if self.hf_config else Path(self.source) / HF_CONFIG_DIR
+        if self.hf_config:
+            return Path(self.hf_config)
+        run = None if (Path(self.source) / HF_CONFIG_DIR).is_dir() else self.training_run
+        if run is None:
+            return Path(self.source) / HF_CONFIG_DIR
+        model_config = Path(run.actor.model_config)
+        return model_config.parent if model_config.is_file() else model_config
+
+    def export_side_files(self) -> dict[str, bytes]:
+        """Files besides the weights for --to hf: the model's config.json and tokenizer files, taken
+        from a training run's tokenizer when the model directory has none."""
+        files = hf_side_files(self.hf_dir)
+        run = None if self.hf_config or any(name.startswith("tokenizer") for name in files) else self.training_run
+        if run is None:
+            return files
+        data = run.data
+        if data.tokenizer == "hf":
+            tokenizer = {k: v for k, v in hf_side_files(data.tokenizer_path).items() if k != "config.json"}
+        else:
+            path = Path(data.tokenizer_path) if data.tokenizer_path else Path(run.run_dir) / TRAINED_TOKENIZER
+            tokenizer = {"tokenizer.model": path.read_bytes()} if path.is_file() else {}
+        return {**files, **tokenizer}
 
 
 _SPLIT = {
@@ -198,6 +232,6 @@ def _megatron_to_hf(cfg: ConvertConfig, model, is_rank0: bool) -> None:
                 # One dtype throughout: Megatron keeps some norms in fp32 whatever the model dtype.
                 yield [(name, t.to(dtype)) for name, t in bucket]
 
-        write_hf_checkpoint(cfg.target, counted(), model.arch, extra_files=hf_side_files(cfg.hf_dir))
+        write_hf_checkpoint(cfg.target, counted(), model.arch, extra_files=cfg.export_side_files())
     log.info("wrote HF checkpoint %s from %s", cfg.target, directory)
 

@@ -98,6 +98,7 @@ def write_hf_checkpoint(
         (tmp / "config.json").write_text(json.dumps(arch.to_hf_config(), indent=2))
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+        _normal_modes(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.rename(target, old)
@@ -109,6 +110,16 @@ def write_hf_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _normal_modes(directory: Path) -> None:
+    """Modes as a plain mkdir and open() would give: mkdtemp makes the directory 0700 and safetensors
+    writes its files 0600, which leaves an exported model unreadable to everyone else."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def hf_side_files(directory: str | Path) -> dict[str, bytes]:

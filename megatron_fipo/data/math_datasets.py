@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Literal
 
+from megatron_fipo.config_base import ConfigError
 from megatron_fipo.data.problems import Problem
 
 log = logging.getLogger(__name__)
@@ -22,10 +24,17 @@ DAPO_INSTRUCTION = (
     "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n{problem}\n\n"
     'Remember to put your answer on its own line after "Answer:".'
 )
+# The instruction around a bare problem (AIME's), for each reward.answer_format: the eval prompt asks
+# for the answer in the form the reward extracts, as the training prompts do.
+INSTRUCTIONS = {
+    "dapo": DAPO_INSTRUCTION,
+    "boxed": "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
+    "plain": "{problem}",
+}
 
 
-class DatasetError(ValueError):
-    pass
+class DatasetError(ConfigError):
+    """A data file that cannot be used: the message names the file (and line) and the fix."""
 
 
 @dataclass
@@ -61,24 +70,26 @@ def _dapo_row(row) -> Problem:
     return Problem(messages, str(truth).strip(), row.get("data_source", "dapo_math"))
 
 
-def _aime_row(row) -> Problem:
+def _aime_row(row, instruction: str) -> Problem:
     problem = row.get("problem", row.get("question"))
     answer = row.get("answer", row.get("solution"))
     if not isinstance(problem, str) or not problem.strip():
         raise DatasetError("'problem' (or 'question') is missing or empty")
     if answer is None or str(answer).strip() == "":
         raise DatasetError("'answer' is missing or empty")
-    content = DAPO_INSTRUCTION.format(problem=problem.strip())
+    content = instruction.format(problem=problem.strip())
     return Problem(({"role": "user", "content": content},), str(answer).strip(), "aime")
 
 
 def load_problems(
-    path: str | Path, kind: Literal["dapo_math", "aime"], on_bad_row: Literal["skip", "fail"] = "skip"
+    path: str | Path, kind: Literal["dapo_math", "aime"], on_bad_row: Literal["skip", "fail"] = "skip",
+    instruction: str = DAPO_INSTRUCTION,
 ) -> tuple[list[Problem], LoadReport]:
+    """``instruction`` wraps each AIME problem (``{problem}`` marks where); DAPO rows carry their own."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: no such dataset file (data paths are local: no hub downloads at run time)")
-    parse_row = _dapo_row if kind == "dapo_math" else _aime_row
+    parse_row = _dapo_row if kind == "dapo_math" else partial(_aime_row, instruction=instruction)
     problems, report = [], LoadReport()
     for line, row in _rows(path):
         try:

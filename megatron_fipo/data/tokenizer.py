@@ -19,16 +19,18 @@ class Tokenizer(Protocol):
 
 
 class SentencePieceTokenizer:
-    def __init__(self, model_file: str | Path):
+    def __init__(self, model: str | Path | bytes):
+        """``model``: a .model file, or its bytes (a tokenizer trained in memory, saved with the run later)."""
         import sentencepiece as spm
 
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        self.model_proto = model if isinstance(model, bytes) else Path(model).read_bytes()
+        self.sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
         self.vocab_size = self.sp.get_piece_size()
         self.eos_id = self.sp.eos_id()
 
     @classmethod
-    def train(cls, corpus: Iterable[str], model_prefix: str | Path, vocab_size: int) -> "SentencePieceTokenizer":
-        """Train a small unigram model on ``corpus``; deterministic for a fixed corpus."""
+    def train(cls, corpus: Iterable[str], vocab_size: int) -> "SentencePieceTokenizer":
+        """Train a small unigram model on ``corpus`` in memory; deterministic for a fixed corpus."""
         import sentencepiece as spm
 
         model = io.BytesIO()
@@ -37,9 +39,10 @@ class SentencePieceTokenizer:
             model_type="unigram", character_coverage=1.0, split_digits=True, bos_id=-1, eos_id=1, unk_id=0,
             pad_id=-1, num_threads=1, minloglevel=2, hard_vocab_limit=False,
         )
-        path = Path(f"{model_prefix}.model")
-        path.write_bytes(model.getvalue())
-        return cls(path)
+        return cls(model.getvalue())
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.model_proto)
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)

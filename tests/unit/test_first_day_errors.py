@@ -1,0 +1,222 @@
+"""Every bad input a new user meets fails as one line (exit 2), names the file/field and the fix, before
+torch loads, and leaves no run directory behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "tests" / "data"
+# The dapo_math task on the sample files with the tiny model: two of its three training prompts fit
+# data.max_prompt_length=40, but no AIME prompt does with the DAPO instruction (116 and 92 tokens with
+# the arithmetic task's tokenizer).
+DAPO = ["data.task=dapo_math", f"data.train_path={DATA / 'dapo_math_sample.jsonl'}",
+        f"data.eval_path={DATA / 'aime_sample.jsonl'}", "data.tokenizer=sentencepiece", "data.max_prompt_length=40",
+        "reward.answer_format=dapo"]
+
+
+def run_cli(*args: str, block_wandb: bool = False) -> tuple[subprocess.CompletedProcess, bool]:
+    """``megatron-fipo ARGS`` in a fresh interpreter; (process, whether torch got imported).
+
+    ``block_wandb`` makes ``import wandb`` fail as it does where wandb is not installed."""
+    code = ("import sys\n"
+            + ("sys.modules['wandb'] = None\n" if block_wandb else "")
+            + "from megatron_fipo.cli import main\n"
+            "rc = main(sys.argv[1:])\n"
+            "print('torch imported' if 'torch' in sys.modules else 'torch not imported')\n"
+            "sys.exit(rc)\n")
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return proc, "torch imported" in proc.stdout
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    # Warnings (a skipped data row) may come first; the error is the last line, and no traceback.
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("megatron-fipo: config error: ") and "Traceback" not in proc.stderr, proc.stderr
+    for fragment in fragments:
+        assert fragment in error, (fragment, error)
+    return error
+
+
+@pytest.fixture
+def tokenizer_file(tmp_path) -> Path:
+    from megatron_fipo.data.arithmetic import arithmetic_problems, tokenizer_corpus
+    from megatron_fipo.data.tokenizer import SentencePieceTokenizer
+
+    path = tmp_path / "sp.model"
+    SentencePieceTokenizer.train(tokenizer_corpus(arithmetic_problems(10)), 16).save(path)
+    return path
+
+
+def test_missing_config_file(tmp_path):
+    proc, torch_loaded = run_cli("train", str(tmp_path / "nope.yaml"))
+    assert_one_line_error(proc, f"{tmp_path / 'nope.yaml'}: no such config file")
+    assert not torch_loaded
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: ../examples/tiny_cpu.yaml\ntrainer:\n  total_steps: 3\n   seed: 1\n")
+    proc, torch_loaded = run_cli("train", str(bad), f"run_dir={tmp_path / 'run'}")
+    assert_one_line_error(proc, f"{bad}:4:", "not valid YAML")
+    assert not torch_loaded and not (tmp_path / "run").exists()
+
+
+def test_malformed_override_value():
+    proc, _ = run_cli("train", "examples/tiny_cpu.yaml", "trainer.total_steps=[3")
+    assert_one_line_error(proc, "override 'trainer.total_steps=[3'", "not valid YAML")
+
+
+@pytest.mark.parametrize("overrides,fragments", [
+    (["data.tokenizer=hf", "data.tokenizer_path={tmp}/no-such-dir"],
+     ["data.tokenizer_path: {tmp}/no-such-dir is not a directory"]),
+    (["data.tokenizer=hf", "data.tokenizer_path={tmp}"],
+     ["data.tokenizer_path: {tmp} has none of tokenizer.json"]),
+    (["data.tokenizer_path={tmp}/garbage.model"],
+     ["data.tokenizer_path: {tmp}/garbage.model does not load as a sentencepiece tokenizer"]),
+])
+def test_bad_tokenizer_path(tmp_path, overrides, fragments):
+    (tmp_path / "garbage.model").write_text("not a sentencepiece model")
+    fill = lambda s: s.format(tmp=tmp_path)  # noqa: E731
+    proc, torch_loaded = run_cli("train", "examples/tiny_cpu.yaml", f"run_dir={tmp_path / 'run'}", *map(fill, overrides))
+    assert_one_line_error(proc, *map(fill, fragments))
+    assert not torch_loaded and not (tmp_path / "run").exists()
+
+
+def test_bad_row_with_on_bad_row_fail_names_file_and_line(tmp_path, tokenizer_file):
+    proc, torch_loaded = run_cli("train", "examples/tiny_cpu.yaml", f"run_dir={tmp_path / 'run'}", *DAPO,
+                                 f"data.tokenizer_path={tokenizer_file}", "data.on_bad_row=fail")
+    assert_one_line_error(proc, f"{DATA / 'dapo_math_sample.jsonl'}:3: malformed dapo_math row: missing key "
+                                "'reward_model'", "set data.on_bad_row=skip")
+    assert not torch_loaded and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key", ["train_path", "eval_path"])
+def test_missing_data_path(tmp_path, tokenizer_file, key):
+    proc, torch_loaded = run_cli("train", "examples/tiny_cpu.yaml", f"run_dir={tmp_path / 'run'}", *DAPO,
+                                 f"data.tokenizer_path={tokenizer_file}", f"data.{key}={tmp_path / 'nope.parquet'}")
+    assert_one_line_error(proc, f"data.{key}: {tmp_path / 'nope.parquet'} is not a file")
+    assert not torch_loaded and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key", ["train_path", "eval_path"])
+def test_empty_data_file(tmp_path, tokenizer_file, key):
+    (tmp_path / "empty.jsonl").write_text("")
+    proc, torch_loaded = run_cli("train", "examples/tiny_cpu.yaml", f"run_dir={tmp_path / 'run'}", *DAPO,
+                                 f"data.tokenizer_path={tokenizer_file}", f"data.{key}={tmp_path / 'empty.jsonl'}")
+    assert_one_line_error(proc, f"data.{key} {tmp_path / 'empty.jsonl'}: no usable problems")
+    assert not torch_loaded and not (tmp_path / "run").exists()
+
+
+def test_every_eval_prompt_too_long(tmp_path, tokenizer_file):
+    """Today: the whole warm start ran, then ZeroDivisionError in the first eval."""
+    proc, torch_loaded = run_cli("train", "examples/tiny_cpu.yaml", f"run_dir={tmp_path / 'run'}", *DAPO,
+                                 f"data.tokenizer_path={tokenizer_file}")
+    assert_one_line_error(proc, f"data.eval_path {DATA / 'aime_sample.jsonl'}: all 2 prompts are longer than "
+                                "data.max_prompt_length=40 tokens; raise data.max_prompt_length")
+    assert not torch_loaded and not (tmp_path / "run").exists()
+
+
+def test_every_train_prompt_too_long(tmp_path):
+    proc, torch_loaded = run_cli("train", "examples/tiny_cpu.yaml", f"run_dir={tmp_path / 'run'}",
+                                 "data.max_prompt_length=2")
+    assert_one_line_error(proc, "the arithmetic task's train split: all 100 prompts are longer than "
+                                "data.max_prompt_length=2 tokens")
+    assert not torch_loaded and not (tmp_path / "run").exists()
+
+
+def test_prompt_plus_response_beyond_max_position_embeddings(tmp_path):
+    proc, torch_loaded = run_cli("train", "examples/tiny_cpu.yaml", f"run_dir={tmp_path / 'run'}",
+                                 "rollout.max_response_length=60")
+    assert_one_line_error(proc, "data.max_prompt_length (16) + rollout.max_response_length (60) = 76 tokens exceeds "
+                                "the model's max_position_embeddings (64")
+    assert not torch_loaded and not (tmp_path / "run").exists()
+
+
+def test_wandb_project_without_wandb_names_the_install_command(tmp_path):
+    proc, torch_loaded = run_cli("train", "examples/tiny_cpu.yaml", f"run_dir={tmp_path / 'run'}",
+                                 "trainer.wandb_project=demo", block_wandb=True)
+    assert_one_line_error(proc, "trainer.wandb_project='demo' needs wandb",
+                          "scripts/setup_env.sh requirements-wandb.txt")
+    assert not torch_loaded and not (tmp_path / "run").exists()
+
+
+def test_requirements_wandb_is_the_extra_the_error_names():
+    extra = (REPO / "requirements-wandb.txt").read_text()
+    assert "wandb==" in extra
+    assert 'wandb = ["wandb"]' in (REPO / "pyproject.toml").read_text()
+
+
+def test_load_hf_alone_sets_the_model_config(tmp_path):
+    from megatron_fipo.config import RunConfig
+    from megatron_fipo.config_base import load_config
+    from megatron_fipo.validation import validate_inputs, validate_run
+
+    hf = tmp_path / "my-model"
+    hf.mkdir()
+    config = json.loads((REPO / "examples" / "tiny_qwen2" / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 6}))
+    cfg = load_config(RunConfig, REPO / "examples" / "tiny_cpu.yaml", ["actor.model_config=", f"actor.load_hf={hf}"])
+    assert cfg.actor.model_config == str(hf)
+    validate_inputs(cfg)
+    assert validate_run(cfg).num_layers == 6
+
+
+def test_eval_prompts_follow_the_answer_format(tmp_path, tokenizer_file):
+    """AIME problems are wrapped in the instruction that asks for the answer as reward.answer_format reads it."""
+    from megatron_fipo.config import RunConfig
+    from megatron_fipo.config_base import load_config
+    from megatron_fipo.data.math_datasets import DAPO_INSTRUCTION
+    from megatron_fipo.data.setup import setup_data
+    from megatron_fipo.model_arch import ModelArch
+
+    def eval_prompts(answer_format: str) -> list[str]:
+        cfg = load_config(RunConfig, REPO / "examples" / "tiny_cpu.yaml",
+                          [*DAPO, f"data.tokenizer_path={tokenizer_file}", "data.max_prompt_length=58",
+                           f"reward.answer_format={answer_format}", f"run_dir={tmp_path / 'run'}"])
+        data = setup_data(cfg, ModelArch.from_hf_config(cfg.actor.model_config))
+        return [p.messages[0]["content"] for p in data.eval_problems]
+
+    problem = "Compute $\\sqrt{8}\\cdot\\sqrt{2}$."
+    assert eval_prompts("plain")[-1] == problem
+    assert eval_prompts("boxed")[-1] == (problem + "\n\nPlease reason step by step, and put your final answer "
+                                         "within \\boxed{}.")
+    with pytest.raises(Exception, match="all 2 prompts are longer"):  # the DAPO instruction makes them too long
+        eval_prompts("dapo")
+    assert DAPO_INSTRUCTION.format(problem=problem) not in eval_prompts("boxed")
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_setup_writes_nothing_and_the_trainer_saves_the_trained_tokenizer(tmp_path):
+    """A tokenizer trained on the task stays in memory until the run directory exists."""
+    from megatron_fipo.config import RunConfig
+    from megatron_fipo.config_base import load_config
+    from megatron_fipo.data.setup import setup_data
+    from megatron_fipo.data.tokenizer import SentencePieceTokenizer
+    from megatron_fipo.model_arch import ModelArch
+
+    cfg = load_config(RunConfig, REPO / "examples" / "tiny_cpu.yaml", [f"run_dir={tmp_path / 'run'}"])
+    data = setup_data(cfg, ModelArch.from_hf_config(cfg.actor.model_config))
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run").mkdir()
+    data.save(tmp_path / "run")
+    saved = SentencePieceTokenizer(tmp_path / "run" / "tokenizer.model")
+    assert saved.encode("7+8=15") == data.tokenizer.encode("7+8=15") and saved.vocab_size == data.tokenizer.vocab_size
+    # A resumed run reads the saved tokenizer instead of training one.
+    again = setup_data(cfg, ModelArch.from_hf_config(cfg.actor.model_config))
+    assert again.trained_tokenizer is None and again.tokenizer.encode("3+4=7") == data.tokenizer.encode("3+4=7")
+
+
+def test_eval_without_weights_or_checkpoint_says_what_to_give(tmp_path):
+    config = tmp_path / "fresh.yaml"
+    config.write_text(f"base: {REPO / 'examples' / 'tiny_cpu.yaml'}\nrun_dir: {tmp_path / 'never-trained'}\n")
+    proc, torch_loaded = run_cli("eval", str(config), f"run_dir={tmp_path / 'out'}")
+    assert_one_line_error(proc, f"eval needs weights: {tmp_path / 'never-trained'} has no checkpoint",
+                          "actor.load_megatron=RUN_DIR/checkpoints", "actor.load_hf=HF_DIR")
+    assert not torch_loaded and not (tmp_path / "out").exists()
