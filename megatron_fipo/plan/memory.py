@@ -393,15 +393,14 @@ class SGLangMemory:
     reserve: int  # CUDA graphs and activations
 
 
-def sglang_memory(lay: Layout, fraction: float | None = None) -> SGLangMemory:
+def sglang_memory(lay: Layout) -> SGLangMemory:
     """SGLang 0.5.23 (mem_cache/kv_cache_configurator.py, _profile_available_bytes): the KV cache
     gets what is free after the weights load minus (1 - fraction) of the pre-load free memory, i.e.
     fraction x pre-load - weights. Post-capture KV sizing is off with --enable-memory-saver."""
     sg = lay.sglang
     assert sg is not None
-    frac = sg.mem_fraction_static if fraction is None else fraction
     weights = sglang_weight_bytes(lay.arch, sg.tp, sg.weight_bytes)
-    kv = max(0, int(frac * sglang_pre_load_bytes(lay)) - weights)
+    kv = max(0, int(sg.mem_fraction_static * sglang_pre_load_bytes(lay)) - weights)
     return SGLangMemory(weights, kv, kv // sglang_kv_bytes_per_token(lay.arch, sg.tp, sg.kv_bytes),
                         sglang_reserve_bytes(lay.gpu, sg))
 

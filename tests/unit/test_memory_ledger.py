@@ -63,6 +63,7 @@ def test_32b_trainer_terms():
     assert state.main_params == shard * 4 == 1_024_015_616
     assert state.moments == shard * 8 == 2_048_031_232
     assert ledger.host_bytes_per_node == 8 * (local * 2 + shard * 12)  # offload keeps weights + optimizer
+    assert ledger.checkpoint_bytes_per_gpu == local * 2 + shard * 12 == 11_264_171_776
 
 
 def test_32b_activation_terms():
@@ -163,6 +164,19 @@ def test_launch_and_train_refuse_only_on_gpus(tmp_path):
     validate_memory(cfg, arch, 128, enforce=False)  # a CPU run: informational
     with pytest.raises(ConfigError, match="largest term: SGLang KV cache"):
         validate_memory(cfg, arch, 128, enforce=True)
+
+
+def test_train_enforces_where_a_gpu_is_visible(monkeypatch):
+    import megatron_fipo.validation as validation
+
+    monkeypatch.setattr(validation.os.path, "exists", lambda path: path == "/dev/nvidiactl")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert validation.gpus_visible()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not validation.gpus_visible()
+    monkeypatch.setattr(validation.os.path, "exists", lambda path: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert not validation.gpus_visible()
 
 
 def test_plan_memory_command():
