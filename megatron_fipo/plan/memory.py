@@ -65,7 +65,7 @@ class Overheads:
 
 @dataclass(frozen=True)
 class SGLangLayout:
-    """The SGLang engine TP rank that shares a trainer GPU (colocated placement)."""
+    """One SGLang engine TP rank: on a trainer GPU (colocated) or on a GPU of its own (disaggregated)."""
 
     tp: int
     mem_fraction_static: float
@@ -75,6 +75,7 @@ class SGLangLayout:
     cuda_graph_max_bs: int
     # Colocated servers release their memory tags while the trainer runs (rollout.sglang.release_memory).
     release_memory: bool = True
+    colocated: bool = True
     weight_bytes: int = 2  # bf16 serving weights
     kv_bytes: int = 2  # --kv-cache-dtype auto: the model's dtype
 
@@ -114,7 +115,7 @@ class Layout:
     nproc_per_node: int
     bridge_bucket_bytes: int
     longest_sequence: int  # prompt + response: one request SGLang must be able to hold
-    sglang: Optional[SGLangLayout]  # None: no SGLang rank on the trainer's GPUs
+    sglang: Optional[SGLangLayout]  # None: no SGLang servers this job places (embedded engine, or URLs)
     overheads: Overheads = field(default_factory=Overheads)
 
 
@@ -445,6 +446,11 @@ class Ledger:
         return next(p for p in self.phases if p.name == name)
 
     @property
+    def serving_phase(self) -> Phase:
+        """The phase that holds SGLang's KV cache: the rollout on the trainer's GPUs, or on SGLang's own."""
+        return next(p for p in self.phases if any(t.name == "SGLang KV cache" for t in p.terms))
+
+    @property
     def checkpoint_bytes_per_gpu(self) -> int:
         """What a checkpoint writes per trainer rank: its weights and optimizer shard."""
         return self.state.param_bytes_unpadded + self.state.optimizer
@@ -457,7 +463,8 @@ class Ledger:
                      f"{lay.tokens_per_microbatch} tokens/micro-batch, offload {'on' if lay.offload else 'off'}")
         if self.sglang is not None:
             sg = lay.sglang
-            lines.append(f"SGLang TP={sg.tp} rank on the same GPU, mem_fraction_static {sg.mem_fraction_static}: "
+            where = "on the same GPU" if sg.colocated else "on GPUs of its own"
+            lines.append(f"SGLang TP={sg.tp} rank {where}, mem_fraction_static {sg.mem_fraction_static}: "
                          f"KV cache {self.sglang.kv_tokens:,} tokens per engine "
                          f"({sglang_kv_bytes_per_token(lay.arch, sg.tp, sg.kv_bytes):,} B/token per rank); the largest "
                          f"fraction with {100 * MIN_HEADROOM:.0f}% headroom is {max_mem_fraction_static(lay):.2f}")
@@ -491,15 +498,17 @@ def build_ledger(lay: Layout) -> Ledger:
     o, cap = lay.overheads, lay.gpu.memory_bytes
     state, acts = trainer_state(lay), activations(lay)
     sgm = sglang_memory(lay) if lay.sglang is not None else None
-    released = _sglang_base(o) + [Term("SGLang allocations kept while released", o.sglang_untagged)] if sgm else []
-    phases = []
-    rollout = _trainer_terms(state, o, resident=not lay.offload)
-    if sgm:
-        rollout += _sglang_base(o) + [Term("SGLang weights", sgm.weights), Term("SGLang KV cache", sgm.kv_cache),
-                                      Term("SGLang CUDA graphs + activations", sgm.reserve)]
-    phases.append(Phase("rollout", tuple(rollout), cap))
-    if sgm and not lay.sglang.release_memory:
-        released = [t for t in rollout if t.name.startswith("SGLang")]
+    colocated = sgm is not None and lay.sglang.colocated
+    serving = _sglang_base(o) + [Term("SGLang weights", sgm.weights), Term("SGLang KV cache", sgm.kv_cache),
+                                 Term("SGLang CUDA graphs + activations", sgm.reserve)] if sgm else []
+    released = []  # SGLang's terms on a trainer GPU while the trainer computes
+    if colocated:
+        released = serving if not lay.sglang.release_memory else _sglang_base(o) + [
+            Term("SGLang allocations kept while released", o.sglang_untagged)]
+    phases = [Phase("rollout", tuple(_trainer_terms(state, o, resident=not lay.offload)
+                                     + (serving if colocated else [])), cap)]
+    if sgm and not colocated:
+        phases.append(Phase("rollout on SGLang GPUs", tuple(serving), cap))
     resident = _trainer_terms(state, o, resident=True)
     phases.append(Phase("old-logprob", tuple(resident + [
         Term("forward workspace (one layer)", acts.workspace), Term("logits chunk", acts.logits_chunk)] + released), cap))
@@ -507,9 +516,11 @@ def build_ledger(lay: Layout) -> Ledger:
         Term("stored activations", acts.stored), Term("backward workspace (one layer)", acts.workspace),
         Term("logits chunk", acts.logits_chunk)] + released), cap))
     if sgm:
-        # The gathered HF bucket and the TP all-gather buffer it is built from.
-        phases.append(Phase("weight-sync", tuple(resident + [Term("HF buckets (2 x bridge_bucket_mb)", 2 * lay.bridge_bucket_bytes)]
-                                                 + _sglang_base(o) + [Term("SGLang weights", sgm.weights)]), cap))
+        # The gathered HF bucket and the TP all-gather buffer it is built from; colocated, SGLang's
+        # weights resumed beside them.
+        buckets = [Term("HF buckets (2 x bridge_bucket_mb)", 2 * lay.bridge_bucket_bytes)]
+        beside = _sglang_base(o) + [Term("SGLang weights", sgm.weights)] if colocated else []
+        phases.append(Phase("weight-sync", tuple(resident + buckets + beside), cap))
     # actor/offload.py copies weights and optimizer state to (pinned) host buffers and frees the
     # grads without a copy: every step zeroes them before its first backward.
     host = lay.nproc_per_node * (state.weights + state.optimizer) if lay.offload else 0
@@ -518,19 +529,15 @@ def build_ledger(lay: Layout) -> Ledger:
 
 # ---- from a run's config ---------------------------------------------------------------------
 
-def sglang_on_trainer_gpus(cfg: RunConfig) -> bool:
-    r = cfg.rollout
-    return r.engine == "sglang" and r.placement == "colocated" and not r.sglang.urls
-
-
 def layout_from_config(cfg: RunConfig, arch: ModelArch, world_size: int, gpu: GPU | None = None,
                        spec: Literal["te", "local"] = "te") -> Layout:
     par, actor, sg = cfg.parallel, cfg.actor, cfg.rollout.sglang
     gpu = gpu or gpu_named(cfg.launch.gpu_type)
     sglang = None
-    if sglang_on_trainer_gpus(cfg):
+    if cfg.rollout.engine == "sglang" and not sg.urls:  # servers this job starts, on GPUs of its own type
         chunked, max_bs = SGLangLayout.defaults_for(gpu, sg.tp_size)
-        sglang = SGLangLayout(sg.tp_size, sg.mem_fraction_static, chunked, max_bs, sg.release_memory)
+        sglang = SGLangLayout(sg.tp_size, sg.mem_fraction_static, chunked, max_bs, sg.release_memory,
+                              colocated=cfg.rollout.placement == "colocated")
     return Layout(
         arch=arch, gpu=gpu, tp=par.tensor_model_parallel_size, pp=par.pipeline_model_parallel_size,
         cp=par.context_parallel_size, dp=world_size // par.model_parallel_size,
@@ -545,23 +552,24 @@ def layout_from_config(cfg: RunConfig, arch: ModelArch, world_size: int, gpu: GP
 # ---- fitting -----------------------------------------------------------------------------------
 
 def max_mem_fraction_static(lay: Layout, headroom: float = MIN_HEADROOM) -> float:
-    """The largest ``mem_fraction_static`` (to 0.01) whose rollout phase leaves ``headroom`` of the
-    GPU beside the trainer's residual: the phase is linear in the fraction (only the KV cache moves)."""
+    """The largest ``mem_fraction_static`` (to 0.01) whose serving phase leaves ``headroom`` of the
+    GPU beside the trainer's residual (colocated) or alone: the phase is linear in the fraction (only
+    the KV cache moves)."""
     assert lay.sglang is not None
     at_zero = replace(lay, sglang=replace(lay.sglang, mem_fraction_static=0.0))
     ledger = build_ledger(at_zero)
-    rollout = ledger.phase("rollout")
     # At fraction 0 the KV cache term is 0 and clamps; add back the weights it would have covered.
-    fixed = rollout.used - ledger.sglang.weights
+    fixed = ledger.serving_phase.used - ledger.sglang.weights
     budget = (1 - headroom) * lay.gpu.memory_bytes - fixed
     return math.floor(100 * budget / sglang_pre_load_bytes(lay)) / 100
 
 
 def _fix(ledger: Ledger, phase: Phase) -> str:
     lay, name = ledger.layout, phase.largest.name
-    if name == "SGLang KV cache" or (phase.name == "rollout" and name.startswith(("trainer", "optimizer"))):
+    colocated = lay.sglang is not None and lay.sglang.colocated
+    if name == "SGLang KV cache" or (colocated and phase.name == "rollout" and name.startswith(("trainer", "optimizer"))):
         frac = max_mem_fraction_static(lay)
-        if lay.offload:
+        if lay.offload or not colocated:
             return f"lower rollout.sglang.mem_fraction_static to {frac:.2f}"
         offloaded = max_mem_fraction_static(replace(lay, offload=True))
         fix = f"enable actor.offload and set rollout.sglang.mem_fraction_static to {offloaded:.2f}"

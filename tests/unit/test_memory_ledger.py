@@ -142,6 +142,21 @@ def test_rollout_with_offload_holds_only_the_trainer_residual():
     assert on.phase("training").used == off.phase("training").used  # onloaded for training
 
 
+def test_disaggregated_serves_on_gpus_of_its_own():
+    ledger = ledger_of("qwen2.5-32b-fipo-h100.yaml", "rollout.placement=disaggregated", "launch.nodes=20",
+                       "launch.sglang_nodes=4", "rollout.sglang.num_servers=8")
+    names = [p.name for p in ledger.phases]
+    assert names == ["rollout", "rollout on SGLang GPUs", "old-logprob", "training", "weight-sync"]
+    for name in ("rollout", "old-logprob", "training", "weight-sync"):
+        assert not any(t.name.startswith("SGLang") for t in ledger.phase(name).terms), name
+    serving = ledger.serving_phase
+    assert serving.name == "rollout on SGLang GPUs" and serving.used == (
+        2 * GiB + int(0.67 * (H100 - 2 * GiB)) + 14336 * MiB)  # contexts, weights + KV cache, reserve
+    # Alone on its GPU SGLang may take more: (0.9 x GPU - contexts - reserve) / pre-load memory.
+    frac = max_mem_fraction_static(ledger.layout)
+    assert frac == int(100 * (0.9 * H100 - 2 * GiB - 14336 * MiB) / (H100 - 2 * GiB)) / 100 == 0.71
+
+
 def test_32b_as_shipped_before_is_refused_naming_the_largest_term():
     ledger = ledger_of("qwen2.5-32b-fipo-h100.yaml", *OLD_32B)
     rollout = ledger.phase("rollout")
