@@ -12,13 +12,14 @@ from megatron_fipo.config_base import ConfigError
 
 @dataclass
 class ParallelConfig:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
+    tensor_model_parallel_size: int = 1  # TP: each layer's weights split over this many ranks
+    pipeline_model_parallel_size: int = 1  # PP: the layers split into this many stages
     # Interleaved 1F1B: model chunks per pipeline rank (None = plain 1F1B).
     virtual_pipeline_model_parallel_size: Optional[int] = None
-    context_parallel_size: int = 1
+    context_parallel_size: int = 1  # CP: each sequence split over this many ranks
+    # SP: with TP > 1, norms and dropout run on sequence shards (less activation memory)
     sequence_parallel: bool = False
-    use_distributed_optimizer: bool = True
+    use_distributed_optimizer: bool = True  # Optimizer state and fp32 master weights sharded over data-parallel ranks
     # Collectives wait this long: training ranks sit in a broadcast while rank 0 drives a rollout,
     # which at 32B and 20k-token responses takes far longer than Megatron's default 10 minutes.
     distributed_timeout_minutes: int = 30
@@ -43,17 +44,17 @@ class ParallelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    lr_warmup_steps: int = 10
+    lr: float = 1e-6  # Peak learning rate of the RL updates
+    min_lr: float = 0.0  # Where linear / cosine decay ends
+    lr_warmup_steps: int = 10  # Optimizer steps of linear warmup
     # Optimizer steps over which to decay; 0 = constant after warmup (the FIPO/DAPO recipes).
     lr_decay_steps: int = 0
-    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"  # Shape of the decay over lr_decay_steps
+    weight_decay: float = 0.1  # AdamW weight decay
+    adam_beta1: float = 0.9  # Adam beta1
+    adam_beta2: float = 0.999  # Adam beta2
+    adam_eps: float = 1e-8  # Adam epsilon
+    clip_grad: float = 1.0  # Global gradient-norm clip
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -72,10 +73,12 @@ class ActorConfig:
     # Or a Megatron dist checkpoint: `megatron-fipo convert --to megatron` output, or a run's checkpoints
     # directory (its newest step). Model weights only; any TP/PP.
     load_megatron: str = ""
-    precision: Literal["fp32", "bf16"] = "bf16"
+    precision: Literal["fp32", "bf16"] = "bf16"  # Parameter and compute dtype; logprobs are fp32 either way
     # FP8 Transformer Engine layers on Hopper; null = off. Needs CUDA and transformer-engine.
     fp8: Optional[Literal["delayed", "current"]] = None
+    # Activation recomputation: none, full (every layer), or selective (attention core)
     recompute: Literal["none", "full", "selective"] = "none"
+    # fipo: Future-KL influence-weighted clipped loss; dapo: the same with all weights 1
     loss: Literal["fipo", "dapo"] = "fipo"
     # Micro-batches hold up to this many tokens (prompt + response, padding included).
     max_tokens_per_microbatch: int = 8192
@@ -88,7 +91,7 @@ class ActorConfig:
     # generates, and back for training. The memory ledger (megatron_fipo/plan) counts the trainer's
     # residual during rollouts and the host RAM this takes from it.
     offload: bool = False
-    seed: int = 1234
+    seed: int = 1234  # Seed of the model's random init (when no weights are loaded)
 
     def __post_init__(self) -> None:
         if self.load_hf and self.load_megatron:
@@ -114,17 +117,20 @@ class TrainerSections:
 
 @dataclass
 class DataConfig:
+    # arithmetic: the tiny CPU job's synthetic task; dapo_math: DAPO-Math-17k, AIME eval
     task: Literal["arithmetic", "dapo_math"] = "dapo_math"
     train_path: str = ""  # DAPO-Math-17k parquet/jsonl (task dapo_math)
     eval_path: str = ""  # AIME24/25 jsonl (task dapo_math)
+    # A malformed row: skipped with a warning naming file and line, or fatal
     on_bad_row: Literal["skip", "fail"] = "skip"
+    # hf: a Hugging Face tokenizer and its chat template; sentencepiece: the tiny job's
     tokenizer: Literal["sentencepiece", "hf"] = "hf"
     tokenizer_path: str = ""  # HF tokenizer dir; for sentencepiece, empty = train one on the task
     tokenizer_vocab_size: int = 48  # sentencepiece training only
-    max_prompt_length: int = 2048
+    max_prompt_length: int = 2048  # Prompts over this many tokens are dropped (all of a set: an error)
     # Synthetic arithmetic task (the tiny CPU job).
     arithmetic_max_operand: int = 30
-    eval_size: int = 64
+    eval_size: int = 64  # Arithmetic task: eval problems
     # False: the eval problems are held out of training. True: a fixed sample of the training
     # problems (the tiny job measures how much RL improves the policy, not generalization).
     arithmetic_eval_from_train: bool = False
@@ -137,27 +143,27 @@ class DataConfig:
 @dataclass
 class SGLangConfig:
     host: str = "127.0.0.1"  # loopback unless a cluster placement needs otherwise
-    base_port: int = 30000
-    num_servers: int = 1
-    tp_size: int = 1
-    mem_fraction_static: float = 0.8
-    api_key: str = ""
-    extra_args: list[str] = field(default_factory=list)
+    base_port: int = 30000  # Server i listens on base_port + i
+    num_servers: int = 1  # Servers the trainer launches (none with urls)
+    tp_size: int = 1  # GPUs (tensor parallel) per server
+    mem_fraction_static: float = 0.8  # SGLang's --mem-fraction-static: GPU memory for weights and KV cache
+    api_key: str = ""  # Servers refuse requests without it; empty = no key
+    extra_args: list[str] = field(default_factory=list)  # More sglang.launch_server arguments, as on its command line
     # Interpreter that runs sglang.launch_server; empty = this one. tools/sglang_cpu/python on a CPU.
     python: str = ""
     # Servers launched elsewhere (disaggregated nodes): their URLs; then none is launched here.
     urls: list[str] = field(default_factory=list)
     # tensor: CUDA IPC / shared memory (colocated); distributed: NCCL broadcast; disk: safetensors.
     weight_transport: Literal["tensor", "distributed", "disk"] = "tensor"
-    distributed_backend: Literal["nccl", "gloo"] = "nccl"
-    weights_update_port: int = 29700
+    distributed_backend: Literal["nccl", "gloo"] = "nccl"  # Process group of the distributed weight transport
+    weights_update_port: int = 29700  # Rendezvous port of that process group
     # Colocated: release weights and KV cache while the trainer runs (needs CUDA).
     release_memory: bool = True
-    sequences_per_request: int = 32
+    sequences_per_request: int = 32  # Sequences per HTTP request to a server
     max_concurrency: int = 256  # sequences in flight across all servers
     max_retries: int = 3  # per request, each on the then least-loaded server
-    request_timeout_s: float = 3600.0
-    startup_timeout_s: float = 600.0
+    request_timeout_s: float = 3600.0  # Time limit of one request
+    startup_timeout_s: float = 600.0  # Time a server may take to come up
 
     def __post_init__(self) -> None:
         for name in ("num_servers", "tp_size", "sequences_per_request", "max_concurrency"):
@@ -169,18 +175,20 @@ class SGLangConfig:
 
 @dataclass
 class RolloutConfig:
+    # embedded: in-process engine (CPU, tests); sglang: SGLang servers
     engine: Literal["embedded", "sglang"] = "embedded"
+    # colocated: engines on the trainer's GPUs; disaggregated: on nodes of their own
     placement: Literal["colocated", "disaggregated"] = "colocated"
-    n_samples: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_response_length: int = 20480
+    n_samples: int = 16  # Responses per prompt: the group of group-normalized advantages
+    temperature: float = 1.0  # Sampling temperature of training rollouts (logprobs use it too)
+    top_p: float = 1.0  # Nucleus sampling of training rollouts; 1 = off
+    top_k: int = -1  # Top-k sampling; -1 = off
+    max_response_length: int = 20480  # Tokens generated at most per response
     max_batch: int = 256  # embedded engine: sequences decoded together
-    bridge_bucket_mb: int = 512
-    eval_n_samples: int = 32
-    eval_temperature: float = 1.0
-    eval_top_p: float = 0.7
+    bridge_bucket_mb: int = 512  # Weight sync: size of each bucket of HF-named tensors sent to the engines
+    eval_n_samples: int = 32  # k of avg@k: samples per eval problem
+    eval_temperature: float = 1.0  # Sampling temperature of eval
+    eval_top_p: float = 0.7  # Nucleus sampling of eval
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
     def __post_init__(self) -> None:
@@ -190,36 +198,39 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
+    # The answer is a last 'Answer:' line (dapo), the last \boxed{} (boxed) or the whole response
+    # (plain); eval prompts ask for it in that form.
     answer_format: Literal["dapo", "boxed", "plain"] = "dapo"
-    correct_score: float = 1.0
-    wrong_score: float = -1.0
-    timeout_seconds: float = 5.0
+    correct_score: float = 1.0  # Reward of a correct answer
+    wrong_score: float = -1.0  # Reward of a wrong, missing or unparsable answer
+    timeout_seconds: float = 5.0  # math-verify's wall-clock limit per answer
+    # DAPO overlong penalty: starts this many tokens before rollout.max_response_length (0 = off)
     overlong_buffer_length: int = 4096
-    overlong_penalty_factor: float = 1.0
+    overlong_penalty_factor: float = 1.0  # The penalty at rollout.max_response_length, falling linearly from 0
 
 
 @dataclass
 class TrainerConfig:
-    total_steps: int = 100
+    total_steps: int = 100  # RL steps of the run; a resumed run goes on to this
     prompts_per_step: int = 512  # prompt groups per RL step, after dynamic sampling
     minibatch_prompts: int = 64  # PPO mini-batch: optimizer steps per RL step = prompts_per_step / this
-    ppo_epochs: int = 1
-    dynamic_sampling: bool = True
+    ppo_epochs: int = 1  # Passes over each RL step's mini-batches
+    dynamic_sampling: bool = True  # Drop groups whose rewards are all equal, generating more (max_gen_batches)
     gen_prompts_per_batch: int = 2048  # prompts sampled per generation batch
     max_gen_batches: int = 10  # dynamic-sampling refills before training on what there is
-    norm_adv_by_std: bool = True
-    eval_every: int = 5
-    eval_before_train: bool = True
-    save_every: int = 5
-    keep_last_checkpoints: int = 2
+    norm_adv_by_std: bool = True  # Divide group advantages by the group's reward std
+    eval_every: int = 5  # RL steps between evals (and at the last step)
+    eval_before_train: bool = True  # Eval at step 0, before RL
+    save_every: int = 5  # RL steps between checkpoints (and at the last step)
+    keep_last_checkpoints: int = 2  # Older checkpoints are deleted
     max_consecutive_bad_steps: int = 3  # non-finite loss/grad steps in a row before stopping
     # Supervised warm start (tiny job): optimizer steps on reference answers before RL.
     warmup_sft_steps: int = 0
-    warmup_sft_lr: float = 1e-3
-    warmup_sft_batch: int = 64
-    seed: int = 1234
-    tensorboard: bool = True
-    wandb_project: str = ""
+    warmup_sft_lr: float = 1e-3  # Learning rate of the warm start
+    warmup_sft_batch: int = 64  # Sequences per warm-start step
+    seed: int = 1234  # Data order and sampling seeds
+    tensorboard: bool = True  # TensorBoard events in RUN_DIR/tensorboard
+    wandb_project: str = ""  # Weights & Biases project; empty = off. Needs scripts/setup_env.sh requirements-wandb.txt
 
     def __post_init__(self) -> None:
         if self.prompts_per_step % self.minibatch_prompts:
@@ -235,25 +246,25 @@ class TrainerConfig:
 class LaunchConfig:
     """How `megatron-fipo launch slurm|nemo-run` places the job on a cluster."""
 
-    nodes: int = 1
+    nodes: int = 1  # Nodes of the job, sglang_nodes included
     gpus_per_node: int = 8  # GPUs requested per node; 0 for a CPU job
     # The nodes' GPU, one of megatron_fipo/plan/hardware.py's: the memory ledger's budget per GPU.
     gpu_type: str = "h100-80gb"
     nproc_per_node: int = 8  # trainer processes per node (torchrun)
     # Disaggregated rollouts: the last sglang_nodes nodes run only SGLang servers.
     sglang_nodes: int = 0
-    time: str = "24:00:00"
-    partition: str = ""
-    account: str = ""
-    job_name: str = "megatron-fipo"
+    time: str = "24:00:00"  # Slurm time limit
+    partition: str = ""  # Slurm partition; empty = the cluster's default
+    account: str = ""  # Slurm account; empty = the user's default
+    job_name: str = "megatron-fipo"  # Slurm job name
     container_image: str = ""  # pyxis/enroot image; empty = the nodes' own environment
-    container_mounts: list[str] = field(default_factory=list)
+    container_mounts: list[str] = field(default_factory=list)  # pyxis mounts, SRC:DST
     sbatch_directives: list[str] = field(default_factory=list)  # extra #SBATCH options, e.g. --exclusive
     # Exported in the job: a mapping, or a list of KEY=VALUE strings (values stay strings, e.g. OMP_NUM_THREADS=8).
     env: dict[str, str] | list[str] = field(default_factory=dict)
     python: str = ".venv/bin/python"  # on the nodes, relative to the repo
     log_dir: str = ""  # Slurm and SGLang server logs; empty = RUN_DIR/launch
-    rdzv_port: int = 29500
+    rdzv_port: int = 29500  # torchrun's rendezvous port on the first node
     # --requeue, and a job that got SIGTERM requeues itself once the trainer has checkpointed: a
     # time-limited run goes on from its checkpoint.
     requeue: bool = False
@@ -262,9 +273,9 @@ class LaunchConfig:
     preempt_notice_s: int = 120
     # NeMo-Run's Slurm executor reaches the cluster through this tunnel: local (on a login node) or ssh.
     tunnel: Literal["local", "ssh"] = "local"
-    ssh_host: str = ""
-    ssh_user: str = ""
-    remote_job_dir: str = ""
+    ssh_host: str = ""  # NeMo-Run ssh tunnel: the cluster's login host
+    ssh_user: str = ""  # NeMo-Run ssh tunnel: user name
+    remote_job_dir: str = ""  # NeMo-Run ssh tunnel: the job directory on the cluster
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -299,7 +310,7 @@ class LaunchConfig:
 
 @dataclass
 class RunConfig(TrainerSections):
-    run_dir: str = "runs/default"
+    run_dir: str = "runs/default"  # Where the run writes config, checkpoints, metrics, plots; rerun on it to resume
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)

@@ -79,6 +79,11 @@ def validate_run(cfg: RunConfig, world_size: int | None = None, has_te: bool | N
             f"data.max_prompt_length ({cfg.data.max_prompt_length}) + rollout.max_response_length "
             f"({cfg.rollout.max_response_length}) = {longest} tokens exceeds the model's max_position_embeddings "
             f"({arch.max_position_embeddings}, {cfg.actor.model_config}); lower one of the two")
+    if cfg.reward.overlong_buffer_length > cfg.rollout.max_response_length:
+        raise ConfigError(
+            f"reward.overlong_buffer_length ({cfg.reward.overlong_buffer_length}) exceeds rollout.max_response_length "
+            f"({cfg.rollout.max_response_length}): the overlong penalty would start before the response does; "
+            "lower it (0 turns the penalty off)")
     if has_te is None:
         has_te = importlib.util.find_spec("transformer_engine") is not None
     dp = validate_parallel(cfg.parallel, arch, world_size or world_size_from_env(), has_te)

@@ -139,6 +139,14 @@ def test_prompt_plus_response_beyond_max_position_embeddings(tmp_path):
     assert not torch_loaded and not (tmp_path / "run").exists()
 
 
+def test_overlong_buffer_longer_than_the_response(tmp_path):
+    """Today: the warm start and the first rollout ran, then a ValueError in the reward."""
+    proc, torch_loaded = run_cli("train", "examples/tiny_cpu.yaml", f"run_dir={tmp_path / 'run'}",
+                                 "reward.overlong_buffer_length=8")
+    assert_one_line_error(proc, "reward.overlong_buffer_length (8) exceeds rollout.max_response_length (6)")
+    assert not torch_loaded and not (tmp_path / "run").exists()
+
+
 def test_wandb_project_without_wandb_names_the_install_command(tmp_path):
     proc, torch_loaded = run_cli("train", "examples/tiny_cpu.yaml", f"run_dir={tmp_path / 'run'}",
                                  "trainer.wandb_project=demo", block_wandb=True)
