@@ -1,13 +1,7 @@
-"""Config mistakes fail fast (well under a second) with the key's name and the fix."""
-
-import subprocess
-import sys
-import time
-from pathlib import Path
+"""Config mistakes fail before torch loads, with the key's name and the fix."""
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from test_first_day_errors import run_cli
 
 
 @pytest.mark.parametrize("override,message", [
@@ -18,14 +12,13 @@ REPO = Path(__file__).resolve().parents[2]
     ("algo.dual_clip_c=1.1", "dual_clip_c (1.1) must exceed 1 + clip_ratio_high"),
     ("rollout.n_samples=1", "rollout.n_samples must be >= 2"),
 ])
-def test_config_error_is_fast_and_names_the_key(override, message):
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "megatron_fipo.cli", "train", "examples/tiny_cpu.yaml", override],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
-    elapsed = time.perf_counter() - start
+def test_config_error_names_the_key_before_torch_loads(override, message):
+    # What makes it fast is not importing torch and Megatron (seconds); a wall-clock bound would
+    # only measure how loaded the machine is.
+    proc, torch_loaded = run_cli("train", "examples/tiny_cpu.yaml", override)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
-    assert elapsed < 1.0, f"config error took {elapsed:.2f} s"
+    assert not torch_loaded
 
 
 def test_parallel_sizes_that_do_not_divide_the_model(monkeypatch):
