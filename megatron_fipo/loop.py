@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -34,9 +33,10 @@ from megatron_fipo.model_arch import ModelArch
 from megatron_fipo.plotting import plot_run
 from megatron_fipo.progress import progress_bar
 from megatron_fipo.reward.scoring import Scorer
-from megatron_fipo.rollout.base import Sample, SamplingParams
+from megatron_fipo.rollout.base import GenerationAborted, Sample, SamplingParams
 from megatron_fipo.rollout.factory import build_engine
 from megatron_fipo.sequences import SequenceBatch, pad_rows
+from megatron_fipo.stop import StopFlag
 
 log = logging.getLogger("megatron_fipo")
 
@@ -52,6 +52,8 @@ class RunState:
     wall_seconds: float = 0.0
     start: dict = field(default_factory=dict)  # eval accuracy / response length before RL
     last: dict = field(default_factory=dict)
+    # A stop between PPO mini-batches: step `step` is trained; its eval, log and save wait for the resume.
+    pending_metrics: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -59,6 +61,38 @@ class StepBatch:
     groups: list[list[Sample]]
     rewards: torch.Tensor  # [G, n]
     stats: dict[str, float]
+
+
+@dataclass
+class _KeptGroups:
+    """The rollout's generation batches so far: the groups dynamic sampling kept, and counts."""
+
+    groups: list[list[Sample]] = field(default_factory=list)
+    rewards: list[torch.Tensor] = field(default_factory=list)
+    correct: list[torch.Tensor] = field(default_factory=list)
+    statuses: dict[str, int] = field(default_factory=dict)
+    batches: int = 0
+    dropped: int = 0
+
+    def step_batch(self, size: int) -> Optional[StepBatch]:
+        """The first ``size`` kept groups with the rollout's statistics; None when none was kept."""
+        if not self.groups:
+            return None
+        kept, rewards, correct = self.groups[:size], self.rewards[:size], self.correct[:size]
+        lengths = torch.tensor([len(s.response_ids) for g in kept for s in g], dtype=torch.float32)
+        total = sum(self.statuses.values())
+        stats = {
+            "rollout/gen_batches": self.batches,
+            "rollout/groups_kept": len(kept),
+            "rollout/groups_dropped": self.dropped,
+            "rollout/accuracy": torch.stack(correct).float().mean().item(),
+            "reward/mean": torch.stack(rewards).mean().item(),
+            "response_length/mean": lengths.mean().item(),
+            "response_length/max": lengths.max().item(),
+            "response_length/clip_frac": sum(s.finish_reason == "length" for g in kept for s in g) / lengths.numel(),
+            **{f"reward/{k}_frac": v / total for k, v in self.statuses.items()},
+        }
+        return StepBatch(kept, torch.stack(rewards), stats)
 
 
 def _rank() -> int:
@@ -79,9 +113,12 @@ class Trainer:
         self.data = data  # built and checked by the CLI before torch loaded: bad data never gets this far
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.stop_requested = False
+        self.stop = StopFlag()
+        self.stopped_at = ""  # where in the loop an agreed stop took effect, for its message
+        self.saved_step: Optional[int] = None  # the step of the newest checkpoint, written or resumed from
         arch = ModelArch.from_hf_config(cfg.actor.model_config)
         self.actor: MegatronActor = build_actor(cfg, arch)
+        self.stop.connect(cfg.parallel.distributed_timeout_minutes)
         self.is_rank0 = _rank() == 0
         if self.is_rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -100,7 +137,7 @@ class Trainer:
     # ---- lifecycle ---------------------------------------------------------------------------
     def run(self) -> dict:
         tr = self.cfg.trainer
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.stop.install()  # SIGTERM and SIGINT: an agreed stop, a checkpoint, exit 0
         started = time.time()
         resumed = self._resume()
         if not self.state.sft_done and tr.warmup_sft_steps > 0:
@@ -111,29 +148,51 @@ class Trainer:
             self.state.start = self._evaluate()
             self._log(self.state.step, {f"eval/{k}": v for k, v in self.state.start.items()})
             self._checkpoint(started)
+        if self.state.pending_metrics:
+            self._end_step(self.state.pending_metrics, started)
         bar = progress_bar(self.is_rank0)
         with bar:
             task = bar.add_task("FIPO", total=tr.total_steps, completed=self.state.step)
-            while self.state.step < tr.total_steps and not self.stop_requested:
+            while self.state.step < tr.total_steps:
+                if self.stop.agree()[0]:
+                    self.stopped_at = f"before step {self.state.step + 1}"
+                    break
                 metrics = self._rl_step()
+                if metrics is None:
+                    self.stopped_at = f"in step {self.state.step + 1}'s rollout, which a resume redoes"
+                    break
                 self.state.step += 1
                 bar.update(task, advance=1, description=f"FIPO reward {metrics['reward/mean']:+.2f} "
                            f"acc {metrics['rollout/accuracy']:.2f}")
-                last_step = self.state.step == tr.total_steps
-                if self.state.step % tr.eval_every == 0 or last_step:
-                    self.state.last = self._evaluate()
-                    metrics.update({f"eval/{k}": v for k, v in self.state.last.items()})
-                self._log(self.state.step, metrics)
-                if self.state.step % tr.save_every == 0 or last_step or self.stop_requested:
-                    self._checkpoint(started)
-        if self.stop_requested:
-            log.warning("SIGTERM: checkpoint written at step %d; exiting", self.state.step)
-            return {}
+                if self.stop.agreed:
+                    self.state.pending_metrics = metrics
+                    self.stopped_at = f"after step {self.state.step}'s updates; its eval and log come with the resume"
+                    break
+                self._end_step(metrics, started)
+        if self.stop.agreed:
+            return self._stopped(started)
         return self._finish(started)
 
-    def _on_sigterm(self, signum, frame) -> None:
-        # Slurm preemption: finish the current step, checkpoint, exit 0.
-        self.stop_requested = True
+    def _end_step(self, metrics: dict, started: float) -> None:
+        """After a step's updates and weight sync: eval when due, log, checkpoint when due."""
+        tr = self.cfg.trainer
+        self.state.pending_metrics = {}
+        last_step = self.state.step == tr.total_steps
+        if self.state.step % tr.eval_every == 0 or last_step:
+            self.state.last = self._evaluate()
+            metrics.update({f"eval/{k}": v for k, v in self.state.last.items()})
+        self._log(self.state.step, metrics)
+        if self.state.step % tr.save_every == 0 or last_step:
+            self._checkpoint(started)
+
+    def _stopped(self, started: float) -> dict:
+        """An agreed stop: a checkpoint of the last whole step (unless it exists), one line, exit 0."""
+        if self.saved_step != self.state.step:
+            self._checkpoint(started)
+        if self.is_rank0:
+            log.warning("%s: checkpoint written at step %d; exiting (stopped %s; run the same command to resume)",
+                        self.stop.name, self.state.step, self.stopped_at)
+        return {}
 
     def _resume(self) -> bool:
         if latest_step(self.ckpt_dir) is None:
@@ -142,6 +201,7 @@ class Trainer:
             return False
         common = load_checkpoint(self.actor, self.ckpt_dir)
         self.state = RunState(**common["extra"]["run_state"])
+        self.saved_step = self.state.step
         self.data.train_stream.position = self.state.data_position
         if self.metrics is not None:
             self.metrics.truncate_after(self.state.step)
@@ -154,6 +214,7 @@ class Trainer:
         state["wall_seconds"] = self.state.wall_seconds + time.time() - started
         save_checkpoint(self.actor, self.ckpt_dir, self.state.step, {"run_state": state},
                         keep_last=self.cfg.trainer.keep_last_checkpoints)
+        self.saved_step = self.state.step
 
     def _finish(self, started: float) -> dict:
         summary = {
@@ -233,53 +294,65 @@ class Trainer:
         return _broadcast(result)
 
     def _collect(self) -> Optional[StepBatch]:
-        """Generate until prompts_per_step groups with non-identical rewards (rank 0)."""
+        """Generation batches (rank 0) until prompts_per_step groups with non-identical rewards.
+
+        Every rank takes part in the stop agreement after each batch. On a stop the step is given up:
+        the data stream goes back to where the step began (the sampling seeds are a function of the
+        step and the batch index), so a resumed run generates this step again, the same. Returns the
+        batch on every rank, or None when stopped.
+        """
+        tr = self.cfg.trainer
+        position = self.data.train_stream.position
+        pool = _KeptGroups() if self.is_rank0 else None
+        if pool is not None and hasattr(self.engine, "abort"):
+            self.stop.on_signal = self.engine.abort  # a signal on rank 0 cuts the batch in flight short
+        try:
+            while True:
+                if pool is not None:
+                    self._generation_batch(pool)
+                done = pool is not None and (len(pool.groups) >= tr.prompts_per_step or pool.batches >= tr.max_gen_batches)
+                stop, done = self.stop.agree(done)
+                if stop:
+                    self.data.train_stream.position = position
+                    return None
+                if done:
+                    return _broadcast(pool.step_batch(tr.prompts_per_step) if pool is not None else None)
+        finally:
+            self.stop.on_signal = None
+
+    def _generation_batch(self, pool: _KeptGroups) -> None:
+        """One batch of prompts: generate, score, keep the groups dynamic sampling keeps."""
         tr, r = self.cfg.trainer, self.cfg.rollout
-        kept: list[list[Sample]] = []
-        rewards, correct, statuses = [], [], {}
-        batches = dropped = 0
-        while len(kept) < tr.prompts_per_step and batches < tr.max_gen_batches:
-            problems = self.data.train_stream.take(tr.gen_prompts_per_batch)
-            seed = tr.seed * 1_000_003 + self.state.step * 1009 + batches
+        problems = self.data.train_stream.take(tr.gen_prompts_per_batch)
+        seed = tr.seed * 1_000_003 + self.state.step * 1009 + pool.batches
+        try:
             groups = self.engine.generate([self.data.prompt_ids(p) for p in problems], r.n_samples,
                                           self._sampling(eval_mode=False), seed=seed)
-            scores = self.scorer.score(groups, [p.answer for p in problems])
-            for k, v in scores.status_counts.items():
-                statuses[k] = statuses.get(k, 0) + v
-            keep = dynamic_sampling_mask(scores.rewards) if tr.dynamic_sampling else torch.ones(len(groups), dtype=torch.bool)
-            dropped += int((~keep).sum())
-            for i in keep.nonzero().flatten().tolist():
-                kept.append(groups[i])
-                rewards.append(scores.rewards[i])
-                correct.append(scores.correct[i])
-            batches += 1
-        if not kept:
-            return None
-        kept, rewards, correct = kept[: tr.prompts_per_step], rewards[: tr.prompts_per_step], correct[: tr.prompts_per_step]
-        lengths = torch.tensor([len(s.response_ids) for g in kept for s in g], dtype=torch.float32)
-        total = sum(statuses.values())
-        stats = {
-            "rollout/gen_batches": batches,
-            "rollout/groups_kept": len(kept),
-            "rollout/groups_dropped": dropped,
-            "rollout/accuracy": torch.stack(correct).float().mean().item(),
-            "reward/mean": torch.stack(rewards).mean().item(),
-            "response_length/mean": lengths.mean().item(),
-            "response_length/max": lengths.max().item(),
-            "response_length/clip_frac": sum(s.finish_reason == "length" for g in kept for s in g) / lengths.numel(),
-            **{f"reward/{k}_frac": v / total for k, v in statuses.items()},
-        }
-        return StepBatch(kept, torch.stack(rewards), stats)
+        except GenerationAborted:
+            return  # this rank's stop flag is set: the agreement that follows stops the step
+        scores = self.scorer.score(groups, [p.answer for p in problems])
+        for k, v in scores.status_counts.items():
+            pool.statuses[k] = pool.statuses.get(k, 0) + v
+        keep = dynamic_sampling_mask(scores.rewards) if tr.dynamic_sampling else torch.ones(len(groups), dtype=torch.bool)
+        pool.dropped += int((~keep).sum())
+        for i in keep.nonzero().flatten().tolist():
+            pool.groups.append(groups[i])
+            pool.rewards.append(scores.rewards[i])
+            pool.correct.append(scores.correct[i])
+        pool.batches += 1
 
-    def _rl_step(self) -> dict:
+    def _rl_step(self) -> Optional[dict]:
+        """One RL step's rollout, updates and weight sync; None when a stop was agreed during the rollout."""
         tr = self.cfg.trainer
         t0 = time.time()
         if self.engine is not None:
             self.engine.resume()
-        batch = _broadcast(self._collect() if self.is_rank0 else None)
+        batch = self._collect()
         if self.engine is not None:
             self.engine.pause()
         t_rollout = time.time() - t0
+        if self.stop.agreed:
+            return None
         if batch is None:
             raise RuntimeError("no prompt group had differing rewards in trainer.max_gen_batches generation batches")
 
@@ -297,6 +370,7 @@ class Trainer:
         row_of = {i: k for k, i in enumerate(mine)}
         rows_of = [[row_of[i] for i in mb] for mb in minibatches]
         old_logp, entropy = self.actor.compute_logprobs(seqs, self.cfg.rollout.temperature, minibatches=rows_of)
+        t_old_logprob = time.time() - t1
         mask = seqs.response_mask()
         rollout_logp = pad_rows([samples[i].logprobs for i in mine], mask.shape[1])
         gap = ((old_logp - rollout_logp).abs() * mask).sum()
@@ -306,6 +380,10 @@ class Trainer:
             for mb, rows in zip(minibatches, rows_of):
                 res = self.actor.train_step(seqs.select(rows), old_logp[rows], advantages[mb], self.cfg.rollout.temperature)
                 results.append(res)
+                # Once a stop is agreed the remaining mini-batches still run: a checkpoint holds whole
+                # steps (stopping here would need the rollout and old logprobs saved with it).
+                if not self.stop.agreed:
+                    self.stop.agree()
         t_train = time.time() - t1
 
         bad = sum(not r.updated for r in results)
@@ -316,7 +394,8 @@ class Trainer:
             raise RuntimeError(f"{self.state.consecutive_bad_steps} steps in a row with non-finite loss or gradient: "
                                "stopping (lower optim.lr or check the data)")
 
-        t_sync = self._sync_weights(version=self.state.step + 1)
+        # Stopping: the resumed run syncs its engines at start, so the sync is skipped.
+        t_sync = 0.0 if self.stop.agreed else self._sync_weights(version=self.state.step + 1)
         tokens = torch.tensor([mask.sum().item(), gap.item(), kl.item(), (entropy * mask).sum().item()], dtype=torch.float64)
         if dp > 1:
             dist.all_reduce(tokens, group=self.actor.ps.get_data_parallel_group())
@@ -333,6 +412,10 @@ class Trainer:
             "time/rollout_s": t_rollout,
             "time/train_s": t_train,
             "time/sync_s": t_sync,
+            # What `megatron-fipo plan --calibrate` fits to (train_s includes the old-logprob pass).
+            "time/old_logprob_s": t_old_logprob,
+            "train/samples": len(samples),
+            "train/tokens": sum(len(s.prompt_ids) + len(s.response_ids) for s in samples),
             "throughput/train_tokens_per_s": n_tok / max(t_train, 1e-9),
             "throughput/rollout_tokens_per_s": batch.stats["response_length/mean"] * len(samples) / max(t_rollout, 1e-9),
         })

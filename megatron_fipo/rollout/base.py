@@ -8,6 +8,10 @@ from typing import Iterable, Literal, Protocol
 import torch
 
 
+class GenerationAborted(Exception):
+    """``generate`` gave up because ``abort()`` was called (the run is stopping); nothing it made is kept."""
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0
@@ -44,6 +48,9 @@ class RolloutEngine(Protocol):
 
     def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> None:
         """Load HF-named full tensors (bucket by bucket) and tag later samples with ``version``."""
+
+    # Optional: ``abort()`` makes a ``generate`` in flight raise GenerationAborted soon; it is called
+    # from a signal handler, so it only sets a flag. Engines without it finish the call.
 
     def pause(self) -> None:
         """Release accelerator memory while the trainer runs (colocated placement)."""

@@ -12,7 +12,7 @@ import torch
 
 from megatron_fipo.bridge.mapping import hf_shapes
 from megatron_fipo.model_arch import ModelArch
-from megatron_fipo.rollout.base import Sample, SamplingParams
+from megatron_fipo.rollout.base import GenerationAborted, Sample, SamplingParams
 from megatron_fipo.rollout.torch_decoder import TorchDecoder
 
 
@@ -36,6 +36,7 @@ class EmbeddedEngine:
         self.shapes = hf_shapes(arch)
         self.weights: dict[str, torch.Tensor] = {}
         self.weight_version = -1
+        self._aborted = False
 
     # ---- weights -----------------------------------------------------------------------------
     def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> None:
@@ -63,6 +64,10 @@ class EmbeddedEngine:
     def shutdown(self) -> None:
         self.weights.clear()
 
+    def abort(self) -> None:
+        """Make the ``generate`` in flight raise GenerationAborted at its next decode step."""
+        self._aborted = True
+
     @torch.no_grad()
     def score(self, prompt: list[int], response: list[int], temperature: float = 1.0) -> torch.Tensor:
         """Teacher-forced log pi(response_t | prefix) under softmax(logits / temperature), fp32 [len(response)].
@@ -83,6 +88,7 @@ class EmbeddedEngine:
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams, seed: int) -> list[list[Sample]]:
         if not self.weights:
             raise RuntimeError("embedded engine: no weights loaded; call update_weights first")
+        self._aborted = False  # an abort is for the call in flight; one that came between calls is spent
         flat = [p for p in prompts for _ in range(n)]
         samples: list[Sample] = []
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -114,6 +120,8 @@ class EmbeddedEngine:
         done = torch.zeros(b, dtype=torch.bool)
         stops = torch.tensor(sp.stop_token_ids or [-1], device=self.device)
         for step in range(sp.max_new_tokens):
+            if self._aborted:
+                raise GenerationAborted("embedded engine: generation aborted")
             logits = (hidden @ head.T).float()
             scaled = logits / sp.temperature if sp.temperature > 0 else logits
             logp_all = torch.log_softmax(scaled, dim=-1)

@@ -19,6 +19,10 @@ SHORT = ["trainer.total_steps=4", "trainer.warmup_sft_steps=20", "trainer.eval_e
          "data.eval_size=8", "rollout.eval_n_samples=2"]
 
 
+# Rollouts that take most of a step (200 prompts generated, 8 kept), and no checkpoint but step 0's.
+SLOW_ROLLOUT = ["trainer.gen_prompts_per_batch=200", "trainer.save_every=100"]
+
+
 def _cmd(run_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "megatron_fipo.cli", "train", "examples/tiny_cpu.yaml", f"run_dir={run_dir}", *SHORT, *extra]
 
@@ -35,6 +39,27 @@ def _run(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
 
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def _stop_in_rollout(run_dir: Path, after_step: int, sig: signal.Signals) -> tuple[str, float]:
+    """Run with SLOW_ROLLOUT, signal it in step ``after_step + 1``'s rollout; (stderr, seconds to exit)."""
+    proc = subprocess.Popen(_cmd(run_dir, *SLOW_ROLLOUT), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while after_step not in _logged_steps(run_dir):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the step to interrupt"
+        time.sleep(0.02)
+    time.sleep(0.3)  # the next step's rollout has begun (it lasts about 2 s; no eval, no save in between)
+    sent = time.time()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    return err, time.time() - sent
 
 
 def _wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 600) -> None:
@@ -118,12 +143,29 @@ def test_checkpoint_before_any_update_then_resume(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["optimizer_steps"] == 4
 
 
-def test_sigterm_checkpoints_and_exits_zero(tmp_path):
-    proc = subprocess.Popen(_cmd(tmp_path), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_step(tmp_path, proc, 1)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    step = int((tmp_path / "checkpoints" / "latest").read_text())
-    assert step >= 2 and "SIGTERM: checkpoint written" in err
-    assert not (tmp_path / "summary.json").exists()
+def test_sigterm_then_sigint_in_the_rollout_resume_to_the_uninterrupted_result(tmp_path_factory):
+    """Each signal: the rollout is given up, a checkpoint of the last whole step within 30 s, one line, exit 0.
+
+    The run is stopped twice (SIGTERM in step 2's rollout, SIGINT in step 4's) and resumed twice; it
+    ends where the run never stopped ends, metric for metric. Only the step-0 checkpoint exists before
+    each stop (save_every is past the run), so each stop writes its own.
+    """
+    ref, run = tmp_path_factory.mktemp("ref"), tmp_path_factory.mktemp("stopped")
+    _run(ref, *SLOW_ROLLOUT)
+    for after_step, sig in ((1, signal.SIGTERM), (3, signal.SIGINT)):
+        err, seconds = _stop_in_rollout(run, after_step, sig)
+        assert seconds < 30 and int((run / "checkpoints" / "latest").read_text()) == after_step
+        lines = [line for line in err.splitlines() if "checkpoint written" in line]
+        assert len(lines) == 1 and f"{sig.name}: checkpoint written at step {after_step};" in lines[0], err[-3000:]
+        assert f"in step {after_step + 1}'s rollout" in lines[0]
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err
+        assert _logged_steps(run) == list(range(after_step + 1)) and not (run / "summary.json").exists()
+    _run(run, *SLOW_ROLLOUT)
+    want, got = _metrics(ref), _metrics(run)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [0, 1, 2, 3, 4]
+    for a, b in zip(want, got):
+        same = {k for k in a if not k.startswith(("time/", "throughput/"))}
+        assert same == {k for k in b if not k.startswith(("time/", "throughput/"))}
+        assert {k: a[k] for k in same} == {k: b[k] for k in same}, a["step"]
+    summary, ref_summary = (json.loads((d / "summary.json").read_text()) for d in (run, ref))
+    assert {k: v for k, v in summary.items() if k != "wall_seconds"} == {k: v for k, v in ref_summary.items() if k != "wall_seconds"}
