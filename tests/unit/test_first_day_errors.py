@@ -179,8 +179,9 @@ def test_load_hf_alone_sets_the_model_config(tmp_path):
 def test_eval_prompts_follow_the_answer_format(tmp_path, tokenizer_file):
     """AIME problems are wrapped in the instruction that asks for the answer as reward.answer_format reads it."""
     from megatron_fipo.config import RunConfig
-    from megatron_fipo.config_base import load_config
+    from megatron_fipo.config_base import ConfigError, load_config
     from megatron_fipo.data.math_datasets import DAPO_INSTRUCTION
+    from megatron_fipo.data.tokenizer import SentencePieceTokenizer
     from megatron_fipo.data.setup import setup_data
     from megatron_fipo.model_arch import ModelArch
 
@@ -192,12 +193,15 @@ def test_eval_prompts_follow_the_answer_format(tmp_path, tokenizer_file):
         return [p.messages[0]["content"] for p in data.eval_problems]
 
     problem = "Compute $\\sqrt{8}\\cdot\\sqrt{2}$."
+    first = "Find the number of ordered pairs of positive integers $(m,n)$ such that $m+n=10$."
+    data_tokenizer = SentencePieceTokenizer(tokenizer_file)
     assert eval_prompts("plain")[-1] == problem
     assert eval_prompts("boxed")[-1] == (problem + "\n\nPlease reason step by step, and put your final answer "
                                          "within \\boxed{}.")
-    with pytest.raises(Exception, match="all 2 prompts are longer"):  # the DAPO instruction makes them too long
+    # The DAPO instruction (116 and 92 tokens) does not fit this max_prompt_length; it used to be added always.
+    assert [len(data_tokenizer.encode(DAPO_INSTRUCTION.format(problem=q))) > 58 for q in (first, problem)] == [True, True]
+    with pytest.raises(ConfigError, match="all 2 prompts are longer"):
         eval_prompts("dapo")
-    assert DAPO_INSTRUCTION.format(problem=problem) not in eval_prompts("boxed")
     assert not (tmp_path / "run").exists()
 
 
