@@ -116,6 +116,7 @@ class Trainer:
         self.stop = StopFlag()
         self.stopped_at = ""  # where in the loop an agreed stop took effect, for its message
         self.saved_step: Optional[int] = None  # the step of the newest checkpoint, written or resumed from
+        self.offload_times: dict[str, float] = {}  # the last generation phase's offload / onload seconds
         arch = ModelArch.from_hf_config(cfg.actor.model_config)
         self.actor: MegatronActor = build_actor(cfg, arch)
         self.stop.connect(cfg.parallel.distributed_timeout_minutes)
@@ -281,7 +282,32 @@ class Trainer:
             stop_token_ids=(self.data.tokenizer.eos_id,),
         )
 
+    @contextmanager
+    def _generation_phase(self):
+        """The engines hold the accelerator: the trainer gives it up first and takes it back last.
+
+        Colocated with ``actor.offload``: every rank offloads, and only once all have (barrier: rank 0
+        drives every node's engines) may the engines resume; they release before any rank onloads.
+        Weight updates happen outside this phase, with the trainer resident.
+        """
+        offload = self.cfg.actor.offload
+        if offload:
+            self.offload_times["time/offload_s"] = self.actor.offload().seconds
+            dist.barrier()
+        if self.engine is not None:
+            self.engine.resume()
+        yield  # no try/finally: after a failure, a barrier here would hang the ranks still in a broadcast
+        if self.engine is not None:
+            self.engine.pause()
+        if offload:
+            dist.barrier()
+            self.offload_times["time/onload_s"] = self.actor.onload().seconds
+
     def _evaluate(self) -> dict:
+        with self._generation_phase():
+            return self._score_eval_set()
+
+    def _score_eval_set(self) -> dict:
         """avg@k accuracy and mean response length on the eval set (rank 0, broadcast)."""
         result = None
         if self.is_rank0:
@@ -345,11 +371,8 @@ class Trainer:
         """One RL step's rollout, updates and weight sync; None when a stop was agreed during the rollout."""
         tr = self.cfg.trainer
         t0 = time.time()
-        if self.engine is not None:
-            self.engine.resume()
-        batch = self._collect()
-        if self.engine is not None:
-            self.engine.pause()
+        with self._generation_phase():
+            batch = self._collect()
         t_rollout = time.time() - t0
         if self.stop.agreed:
             return None
@@ -401,6 +424,7 @@ class Trainer:
             dist.all_reduce(tokens, group=self.actor.ps.get_data_parallel_group())
         n_tok = max(tokens[0].item(), 1.0)
         step_metrics.update(batch.stats)
+        step_metrics.update(self.offload_times)
         step_metrics.update({
             "actor/loss": sum(r.loss for r in results) / len(results),
             "actor/grad_norm": sum(r.grad_norm for r in results if math.isfinite(r.grad_norm)) / max(len(results) - bad, 1),

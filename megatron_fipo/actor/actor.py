@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from megatron_fipo.actor.batching import MicroBatch, build_microbatch, gather_response, partition
 from megatron_fipo.actor.logprobs import LogprobContext, logprob_output_processor
+from megatron_fipo.actor.offload import Offloader, OffloadStats
 from megatron_fipo.actor.model import (
     build_model_chunks,
     build_optimizer,
@@ -66,6 +67,7 @@ class MegatronActor:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.steps = 0  # optimizer steps taken
         self.skipped_updates = 0
+        self.offloader = Offloader(self.chunks, self.optimizer, self.device)
 
     # ---- layout ---------------------------------------------------------------------------
     @property
@@ -108,6 +110,8 @@ class MegatronActor:
                      output_processor=logprob_output_processor, output_processor_context=ctx)
 
     def _run(self, microbatches: list[MicroBatch], loss_fn, forward_only: bool, temperature: float):
+        if self.offloader.offloaded:  # its tensors have no memory: a segfault on CPU, garbage on GPU
+            raise RuntimeError("MegatronActor: weights are offloaded (rollout phase); call onload() first")
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             ctx = self._context(temperature)
@@ -269,6 +273,14 @@ class MegatronActor:
             self.scheduler.step(increment=1)
             self.steps += 1
         return True, grad_norm
+
+    def offload(self) -> OffloadStats:
+        """Free this rank's weights, grads and optimizer state on the device (colocated rollout phase)."""
+        return self.offloader.offload()
+
+    def onload(self) -> OffloadStats:
+        """Bring them back, bit for bit (grads as zeros), into the same tensors."""
+        return self.offloader.onload()
 
     def named_parameters_local(self):
         """(name, param) of this rank's model chunks, names as in Megatron's GPTModel."""

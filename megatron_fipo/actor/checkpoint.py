@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_fipo.actor.offload import inner_optimizers
 from megatron_fipo.actor.writer_queue import start_writer_queue
 
 LATEST = "latest"
@@ -81,9 +82,9 @@ def _sharded_state(actor, is_loading: bool) -> dict:
     model = _model_state(actor.chunks)
     combined = {k: v for sd in model.values() for k, v in sd.items()}
     state = dict(model)
-    # A never-stepped optimizer (checkpoint before the first update) has no state to describe;
-    # all-zero Adam state at step 0 is what its first step would start from anyway.
-    _init_empty_adam_state(actor.optimizer)
+    # A never-stepped optimizer (a checkpoint before the first update, or a fresh one about to load)
+    # has no state to describe: give it the state its first step starts from.
+    _init_fresh_optimizer_state(actor.optimizer)
     # dp_reshardable: every rank writes its own optimizer shard in parallel, and a resume may use
     # a different DP size (TP/PP must match: convert through HF weights to change those).
     state["optimizer"] = actor.optimizer.sharded_state_dict(
@@ -191,23 +192,59 @@ def load_megatron_weights(actor, path: str | Path) -> Path:
     return directory
 
 
-def _init_empty_adam_state(optimizer) -> None:
-    """Give a never-stepped torch Adam its state, as the loader expects.
+def _numbers(optimizer: torch.optim.Optimizer) -> list[tuple[dict, object]]:
+    """(container, key) of every number or tensor an optimizer keeps besides its params."""
+    slots = [(state, key) for state in optimizer.state.values() for key in state]
+    slots += [(group, key) for group in optimizer.param_groups for key in group if key != "params"]
+    return [(d, k) for d, k in slots if isinstance(d[k], (torch.Tensor, int, float)) and not isinstance(d[k], bool)]
 
-    Without Apex/TE (CPU), the distributed optimizer's state_dict() reads every parameter's Adam
-    "step", which a fresh optimizer lacks and Megatron's init_state_fn does not create.
+
+@torch.no_grad()
+def init_fresh_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give a never-stepped torch optimizer the state its first step starts from, whatever its class.
+
+    Two of its own steps with zero gradients, lr 0 and weight decay 0 create exactly the state it
+    defines (torch Adam's per-parameter step, TE/Apex FusedAdam's per-group step, moments, master
+    copies) and change nothing else: moments stay 0, weights and master copies stay put, counters
+    advance by 1 per step. So ``2 * after_one - after_two`` is each value before the first step,
+    exactly (counters 0, everything else as it was), with no optimizer-specific code.
     """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = opt.optimizer
-        if not isinstance(inner, torch.optim.Adam):
-            continue
-        for group in inner.param_groups:
-            for p in group["params"]:
-                state = inner.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
+    if any(optimizer.state.values()):  # stepped, or loaded: it has its state
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not params:
+        return
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    grads = [p.grad for p in params]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        if "weight_decay" in group:
+            group["weight_decay"] = 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    first = [(d, k, d[k].clone() if isinstance(d[k], torch.Tensor) else d[k]) for d, k in _numbers(optimizer)]
+    optimizer.step()
+    for d, k, one in first:
+        if isinstance(one, torch.Tensor):
+            d[k].copy_(2 * one - d[k])
+        else:
+            d[k] = 2 * one - d[k]
+    for group, before in zip(optimizer.param_groups, settings):
+        group.update(before)  # lr, weight decay and every other setting as they were
+    for p, grad in zip(params, grads):
+        p.grad = grad
+
+
+def _init_fresh_optimizer_state(optimizer) -> None:
+    """A never-stepped Megatron optimizer gets the state its first step starts from.
+
+    Without it, a step-0 checkpoint holds no optimizer state (TE FusedAdam) or cannot be written at
+    all (torch Adam, whose step Megatron's state_dict() reads), and a fresh optimizer's load template
+    does not match a stepped checkpoint. Resuming from that state equals never having stopped.
+    """
+    for inner in inner_optimizers(optimizer):
+        init_fresh_state(inner)
 
 
 def _restore_adam_steps(optimizer) -> None:
