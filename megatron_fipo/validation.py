@@ -127,6 +127,9 @@ def validate_inputs(cfg: RunConfig) -> None:
                         "to train one on the arithmetic task)")
     if actor.load_hf:
         _must_exist("actor.load_hf", actor.load_hf, "a Hugging Face safetensors directory", is_dir=True)
+        if not any(Path(actor.load_hf).glob("*.safetensors")):
+            raise ConfigError(f"actor.load_hf: {actor.load_hf} has no *.safetensors weights; set it to a Hugging Face "
+                              "model directory (convert --to hf writes one)")
     if actor.load_megatron:
         _must_exist("actor.load_megatron", actor.load_megatron,
                     "a Megatron checkpoint (convert --to megatron output) or a run's checkpoints directory", is_dir=True)

@@ -162,14 +162,20 @@ def test_requirements_wandb_is_the_extra_the_error_names():
 
 
 def test_load_hf_alone_sets_the_model_config(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
     from megatron_fipo.config import RunConfig
-    from megatron_fipo.config_base import load_config
+    from megatron_fipo.config_base import ConfigError, load_config
     from megatron_fipo.validation import validate_inputs, validate_run
 
     hf = tmp_path / "my-model"
     hf.mkdir()
     config = json.loads((REPO / "examples" / "tiny_qwen2" / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 6}))
+    with pytest.raises(ConfigError, match=f"actor.load_hf: {hf} has no \\*.safetensors weights"):
+        validate_inputs(load_config(RunConfig, REPO / "examples" / "tiny_cpu.yaml", [f"actor.load_hf={hf}"]))
+    save_file({"w": np.zeros(1, dtype=np.float32)}, hf / "model.safetensors")
     cfg = load_config(RunConfig, REPO / "examples" / "tiny_cpu.yaml", ["actor.model_config=", f"actor.load_hf={hf}"])
     assert cfg.actor.model_config == str(hf)
     validate_inputs(cfg)
