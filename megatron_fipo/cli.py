@@ -160,7 +160,7 @@ def cmd_plan(args) -> int:
         raise ConfigError("plan: give --memory (the memory ledger); it is the one plan so far")
     cfg = _load(args.config, args.overrides)
     world = cfg.launch.training_world_size
-    arch = validate_run(cfg, world_size=world, has_te=True)
+    arch = validate_run(cfg, world_size=world)
     ledger = build_ledger(layout_from_config(cfg, arch, world, gpu(args.gpu, "--gpu") if args.gpu else None))
     print(ledger.table())
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from megatron_fipo.model_arch import ModelArch
 from megatron_fipo.plan.memory import Ledger, build_ledger, check_fits, layout_from_config
 
 
-def validate_parallel(par: ParallelConfig, arch: ModelArch, world_size: int, has_te: bool) -> int:
+def validate_parallel(par: ParallelConfig, arch: ModelArch, world_size: int) -> int:
     """Raise ConfigError naming the field for any size that does not divide; return the DP size."""
     tp, pp, cp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size
     if world_size % par.model_parallel_size:
@@ -39,11 +38,6 @@ def validate_parallel(par: ParallelConfig, arch: ModelArch, world_size: int, has
             "parallel.virtual_pipeline_model_parallel_size: interleaved 1F1B is not supported yet (with ragged "
             "rollout micro-batches it deadlocked in testing); set it to null"
         )
-    if cp > 1 and not has_te:
-        raise ConfigError(
-            f"parallel.context_parallel_size={cp} needs Transformer Engine attention (CUDA); "
-            "Megatron's local attention has no context parallelism: set it to 1 on CPU"
-        )
     return world_size // par.model_parallel_size
 
 
@@ -66,9 +60,9 @@ def validate_memory(cfg: RunConfig, arch: ModelArch, world_size: int, enforce: b
     return ledger
 
 
-def validate_run(cfg: RunConfig, world_size: int | None = None, has_te: bool | None = None) -> ModelArch:
+def validate_run(cfg: RunConfig, world_size: int | None = None) -> ModelArch:
     """Everything checkable from the config, the model's config.json and the launch environment
-    (or, for a job about to be launched, the world size and Transformer Engine of its nodes)."""
+    (or, for a job about to be launched, its world size)."""
     if not cfg.actor.model_config:
         raise ConfigError("actor.model_config: set it to a Hugging Face config.json (or its directory), "
                           "or set actor.load_hf and its config.json is used")
@@ -84,9 +78,11 @@ def validate_run(cfg: RunConfig, world_size: int | None = None, has_te: bool | N
             f"reward.overlong_buffer_length ({cfg.reward.overlong_buffer_length}) exceeds rollout.max_response_length "
             f"({cfg.rollout.max_response_length}): the overlong penalty would start before the response does; "
             "lower it (0 turns the penalty off)")
-    if has_te is None:
-        has_te = importlib.util.find_spec("transformer_engine") is not None
-    dp = validate_parallel(cfg.parallel, arch, world_size or world_size_from_env(), has_te)
+    dp = validate_parallel(cfg.parallel, arch, world_size or world_size_from_env())
+    if cfg.parallel.context_parallel_size > 1 and cfg.actor.packing == "off":
+        raise ConfigError(
+            f"actor.packing=off: parallel.context_parallel_size={cfg.parallel.context_parallel_size} splits packed "
+            "sequences over the CP ranks (Megatron's THD layout); set actor.packing to auto or on")
     mb = cfg.trainer.minibatch_prompts * cfg.rollout.n_samples
     if mb % dp:
         raise ConfigError(
@@ -164,8 +160,7 @@ def validate_launch(cfg: RunConfig) -> ModelArch:
         if not cfg.actor.load_hf:
             raise ConfigError("actor.load_hf: SGLang servers on other nodes start from a Hugging Face checkpoint; "
                               "set it")
-    # The nodes run CUDA: Transformer Engine is theirs to have, whatever this login node lacks.
-    arch = validate_run(cfg, world_size=launch.training_world_size, has_te=launch.gpus_per_node > 0)
+    arch = validate_run(cfg, world_size=launch.training_world_size)
     validate_memory(cfg, arch, launch.training_world_size, enforce=launch.gpus_per_node > 0)
     return arch
 

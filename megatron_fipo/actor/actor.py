@@ -21,6 +21,8 @@ from megatron_fipo.actor.model import (
 )
 from megatron_fipo.actor.parallel import init_process_groups, world_from_env
 from megatron_fipo.algo import dapo_policy_loss, fipo_policy_loss
+from megatron_fipo.algo.future_kl_cp import ContextParallelShards
+from megatron_fipo.algo.policy_loss import LOCAL_SHARDS, SequenceShards
 from megatron_fipo.config import TrainerSections
 from megatron_fipo.validation import validate_parallel
 from megatron_fipo.metrics import merge_metrics
@@ -30,7 +32,7 @@ from megatron_fipo.sequences import SequenceBatch
 
 @dataclass
 class StepResult:
-    loss: float  # token-mean policy loss over the mini-batch (all DP ranks)
+    loss: float  # token-mean policy loss over the mini-batch (all DP x CP ranks)
     grad_norm: float
     updated: bool  # False when the update was skipped for a non-finite loss or gradient
     lr: float
@@ -47,7 +49,7 @@ class MegatronActor:
         par, actor = sections.parallel, sections.actor
         world = dist.get_world_size() if dist.is_initialized() else world_from_env()[1]
         # Before any model is built (or Megatron imported): a bad layout fails in milliseconds.
-        self.dp_size = validate_parallel(par, arch, world, transformer_engine_available())
+        self.dp_size = validate_parallel(par, arch, world)
 
         from megatron.core import parallel_state
         from megatron.core.distributed import finalize_model_grads
@@ -77,9 +79,12 @@ class MegatronActor:
     def microbatches(self, batch: SequenceBatch) -> list[MicroBatch]:
         actor, par = self.sections.actor, self.sections.parallel
         pad = par.tensor_model_parallel_size if par.sequence_parallel else 1
-        pack = actor.packing == "on" or (actor.packing == "auto" and self.use_te)
+        cp = par.context_parallel_size
+        # Context parallelism splits packed sequences (validation refuses packing=off with it).
+        pack = cp > 1 or actor.packing == "on" or (actor.packing == "auto" and self.use_te)
+        cp_rank = self.ps.get_context_parallel_rank()
         return [
-            build_microbatch(batch, idx, pack, pad_multiple=pad, dense_mask=not self.use_te)
+            build_microbatch(batch, idx, pack, pad_multiple=pad, dense_mask=not self.use_te, cp_size=cp, cp_rank=cp_rank)
             for idx in partition(batch, actor.max_tokens_per_microbatch, pack)
         ]
 
@@ -98,14 +103,19 @@ class MegatronActor:
         from megatron.core.packed_seq_params import PackedSeqParams
 
         packed = None
-        if mb.cu_seqlens is not None and self.use_te:
+        cp = self.sections.parallel.context_parallel_size
+        if mb.cu_seqlens is not None and (self.use_te or cp > 1):
             cu = mb.cu_seqlens.to(self.device)
             longest = int((mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).max())
+            # Under CP the offsets are the padded slots that TE's CP attention, Megatron's THD RoPE
+            # and the CPU CP attention read the zig-zag chunks from.
+            padded = cu if cp > 1 else None
             packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                     cu_seqlens_q_padded=padded, cu_seqlens_kv_padded=padded,
                                      max_seqlen_q=longest, max_seqlen_kv=longest)
         mask = mb.attention_mask.to(self.device) if mb.attention_mask is not None else None
         tokens = mb.tokens.to(self.device)
-        position_ids = torch.arange(tokens.shape[1], device=self.device).unsqueeze(0).expand_as(tokens)
+        position_ids = mb.position_ids.to(self.device)
         return model(tokens, position_ids, mask, labels=mb.labels.to(self.device), packed_seq_params=packed,
                      output_processor=logprob_output_processor, output_processor_context=ctx)
 
@@ -167,7 +177,11 @@ class MegatronActor:
                 mbs.append(mb)
         if mbs:
             self._run(mbs, collect, forward_only=True, temperature=temperature)
-        stacked = self._broadcast_from_last_stage(torch.stack([logp, entropy]).to(self.device)).cpu()
+        stacked = torch.stack([logp, entropy]).to(self.device)
+        if self.sections.parallel.context_parallel_size > 1:
+            # Each response token is scored on one CP rank, zero on the others.
+            dist.all_reduce(stacked, group=self.ps.get_context_parallel_group())
+        stacked = self._broadcast_from_last_stage(stacked).cpu()
         return stacked[0], stacked[1]
 
     def train_step(
@@ -181,7 +195,7 @@ class MegatronActor:
 
         old_logp [B, Lr]; advantages [B] or [B, Lr]. The loss is a token-level mean over the whole
         mini-batch: each micro-batch returns its token sum and count, Megatron all-reduces the
-        count over DP and divides the gradient by it.
+        count over DP x CP and divides the gradient by it.
         """
         loss, tokens, entropy, metrics = self.compute_gradients(batch, old_logp, advantages, temperature)
         updated, grad_norm = self._optimizer_step(finite_loss=math.isfinite(loss))
@@ -200,7 +214,7 @@ class MegatronActor:
     ) -> tuple[float, int, float, dict[str, float]]:
         """Policy-loss forward/backward over all micro-batches into the DDP grad buffers (main_grad).
 
-        Returns (token-mean loss, tokens, mean entropy, loss metrics) over all DP ranks.
+        Returns (token-mean loss, tokens, mean entropy, loss metrics) over all DP x CP ranks.
         """
         cfg = self.sections.algo
         loss_impl = fipo_policy_loss if self.sections.actor.loss == "fipo" else dapo_policy_loss
@@ -209,10 +223,19 @@ class MegatronActor:
             rows, width = mb.sample_index, mask.shape[1]
             adv = advantages[rows].to(logp.device)
             adv = adv[:, :width] if adv.dim() == 2 else adv
-            loss_sum, metrics = loss_impl(logp, old_logp[rows, :width].to(logp.device), adv, mask, cfg, num_tokens=1.0)
+            loss_sum, metrics = loss_impl(logp, old_logp[rows, :width].to(logp.device), adv, mask, cfg, num_tokens=1.0,
+                                          shards=self._sequence_shards(mb))
             return loss_sum, int(metrics["num_tokens_kept"]), metrics
 
         return self._accumulate_gradients(batch, policy_loss, temperature)
+
+    def _sequence_shards(self, mb: MicroBatch) -> SequenceShards:
+        """Whole sequences on this rank, or under CP its chunks of them (Future-KL swaps carries)."""
+        cp = self.sections.parallel.context_parallel_size
+        if cp == 1:
+            return LOCAL_SHARDS
+        return ContextParallelShards(mb.chunk_bounds, cp, self.ps.get_context_parallel_rank(),
+                                     self.ps.get_context_parallel_group())
 
     def sft_step(self, batch: SequenceBatch, advance_schedule: bool = True) -> StepResult:
         """Supervised step: token-mean negative log-likelihood of the responses (warm start).
@@ -229,9 +252,9 @@ class MegatronActor:
     def _accumulate_gradients(self, batch: SequenceBatch, per_microbatch_loss, temperature: float):
         """Run forward/backward; ``per_microbatch_loss(mb, logp, mask)`` -> (loss sum, tokens it
         averages over, metrics). Megatron divides the gradients by those tokens summed over all
-        micro-batches and DP ranks: one exact token mean over the mini-batch.
+        micro-batches and DP x CP ranks (finalize_model_grads): one exact token mean over the mini-batch.
 
-        Returns (token-mean loss, response tokens, mean entropy, metrics) over all DP ranks.
+        Returns (token-mean loss, response tokens, mean entropy, metrics) over all DP x CP ranks.
         """
         for m in self.model:
             m.train()
@@ -251,10 +274,10 @@ class MegatronActor:
 
         self._run(self.microbatches(batch), loss_fn, forward_only=False, temperature=temperature)
 
-        # Loss totals live on the last stage; share them across the pipeline and DP.
+        # Loss totals live on the last stage; share them across the pipeline and DP x CP.
         totals = self._broadcast_from_last_stage(sums.to(self.device))
-        if self.dp_size > 1:
-            dist.all_reduce(totals, group=self.ps.get_data_parallel_group())
+        if self.dp_size * self.sections.parallel.context_parallel_size > 1:
+            dist.all_reduce(totals, group=self.ps.get_data_parallel_group(with_context_parallel=True))
         loss_total, n_mean, tokens, ent_total = totals.tolist()
         return loss_total / max(n_mean, 1), int(tokens), ent_total / max(tokens, 1), merge_metrics(records)
 

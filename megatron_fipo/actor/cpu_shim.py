@@ -22,6 +22,7 @@ _MODULES = {
     "megatron.core.utils": "GlobalMemoryBuffer.get_tensor allocates on torch.cuda.current_device()",
     "megatron.core.transformer.utils": "get_default_causal_mask builds its mask with device='cuda'",
     "megatron.core.tensor_parallel.layers": "linear layers allocate gather/grad buffers on torch.cuda.current_device()",
+    "megatron.core.tensor_parallel.mappings": "sequence-parallel (and CP K/V) all-gathers and reduce-scatters allocate on torch.cuda.current_device()",
     "megatron.core.tensor_parallel.random": "the model-parallel RNG tracker seeds and swaps torch.cuda RNG states",
     "megatron.core.pipeline_parallel.p2p_communication": "p2p shapes and buffers on current_device(); torch.cuda.synchronize()",
     "megatron.core.pipeline_parallel.schedules": "total_num_tokens = torch.zeros(..., device='cuda')",

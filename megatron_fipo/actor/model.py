@@ -76,7 +76,9 @@ def transformer_config(arch: ModelArch, actor: ActorConfig, par: ParallelConfig)
     )
 
 
-def layer_spec():
+def decoder_spec(config, par: ParallelConfig, vp_stage):
+    """GPTModel's transformer spec: Transformer Engine's layers on CUDA, else the local spec, in
+    which exact stand-ins (actor/cpu_layers.py) replace the modules that refuse CP and SP."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -84,7 +86,19 @@ def layer_spec():
 
     if transformer_engine_available():
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
-    return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=False)
+    from megatron_fipo.actor.cpu_layers import ContextParallelCPUAttention, SequenceParallelNorm
+
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=False)
+    if par.context_parallel_size > 1:
+        spec.submodules.self_attention.submodules.core_attention = ContextParallelCPUAttention
+    if not par.sequence_parallel:
+        return spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
+    # The block's final norm too: the block spec GPTModel builds from a layer spec, with that norm.
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage),
+                                      layer_norm=SequenceParallelNorm)
 
 
 def build_model_chunks(arch: ModelArch, actor: ActorConfig, par: ParallelConfig, initialize: bool = True) -> list:
@@ -98,13 +112,12 @@ def build_model_chunks(arch: ModelArch, actor: ActorConfig, par: ParallelConfig,
 
     config = transformer_config(arch, actor, par)
     config.perform_initialization = initialize
-    spec = layer_spec()
     chunks = []
     for vp in range(par.virtual_pipeline_model_parallel_size or 1):
         vp_stage = vp if par.virtual_pipeline_model_parallel_size else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=decoder_spec(config, par, vp_stage),
             vocab_size=arch.vocab_size,
             max_sequence_length=arch.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),

@@ -180,7 +180,7 @@ def convert(cfg: ConvertConfig) -> None:
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if source_dtype == torch.bfloat16 else "fp32")
     tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
     par = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    validate_parallel(par, arch, tp * pp, te_spec)
+    validate_parallel(par, arch, tp * pp)
     if cfg.dry_run:
         if rank == 0:
             print(describe_mapping(arch, tp, pp, te_spec))

@@ -30,12 +30,12 @@ def test_parallel_sizes_that_do_not_divide_the_model(monkeypatch):
 
     arch = ModelArch.from_hf_config(TINY_QWEN2)  # 4 heads, 2 KV groups, 4 layers
     with pytest.raises(ConfigError, match="tensor_model_parallel_size=4 must divide num_key_value_heads=2"):
-        validate_parallel(ParallelConfig(tensor_model_parallel_size=4), arch, 4, has_te=False)
+        validate_parallel(ParallelConfig(tensor_model_parallel_size=4), arch, 4)
     with pytest.raises(ConfigError, match="pipeline_model_parallel_size=3 .* must divide num_layers=4"):
-        validate_parallel(ParallelConfig(pipeline_model_parallel_size=3), arch, 3, has_te=False)
-    with pytest.raises(ConfigError, match="context_parallel_size=2 needs Transformer Engine"):
-        validate_parallel(ParallelConfig(context_parallel_size=2), arch, 2, has_te=False)
+        validate_parallel(ParallelConfig(pipeline_model_parallel_size=3), arch, 3)
     with pytest.raises(ConfigError, match="virtual_pipeline_model_parallel_size: interleaved 1F1B is not supported"):
         validate_parallel(ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
-                          arch, 2, has_te=False)
-    assert validate_parallel(ParallelConfig(tensor_model_parallel_size=2), arch, 8, has_te=False) == 4
+                          arch, 2)
+    assert validate_parallel(ParallelConfig(tensor_model_parallel_size=2), arch, 8) == 4
+    # Context parallelism runs on CPU too (actor/cpu_layers.py), with or without Transformer Engine.
+    assert validate_parallel(ParallelConfig(context_parallel_size=2), arch, 4) == 2
