@@ -44,6 +44,16 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
     return error
 
 
+def train_refused(tmp_path: Path, *overrides: str, block_wandb: bool = False) -> str:
+    """``train examples/tiny_cpu.yaml run_dir=TMP/run OVERRIDES`` fails in one line, before torch loads and
+    before the run directory exists; the error line."""
+    proc, torch_loaded = run_cli("train", "examples/tiny_cpu.yaml", f"run_dir={tmp_path / 'run'}", *overrides,
+                                 block_wandb=block_wandb)
+    error = assert_one_line_error(proc)
+    assert not torch_loaded and not (tmp_path / "run").exists()
+    return error
+
+
 @pytest.fixture
 def tokenizer_file(tmp_path) -> Path:
     from megatron_fipo.data.arithmetic import arithmetic_problems, tokenizer_corpus
@@ -83,76 +93,58 @@ def test_malformed_override_value():
 ])
 def test_bad_tokenizer_path(tmp_path, overrides, fragments):
     (tmp_path / "garbage.model").write_text("not a sentencepiece model")
-    fill = lambda s: s.format(tmp=tmp_path)  # noqa: E731
-    proc, torch_loaded = run_cli("train", "examples/tiny_cpu.yaml", f"run_dir={tmp_path / 'run'}", *map(fill, overrides))
-    assert_one_line_error(proc, *map(fill, fragments))
-    assert not torch_loaded and not (tmp_path / "run").exists()
+    error = train_refused(tmp_path, *(o.format(tmp=tmp_path) for o in overrides))
+    for fragment in fragments:
+        assert fragment.format(tmp=tmp_path) in error, error
 
 
 def test_bad_row_with_on_bad_row_fail_names_file_and_line(tmp_path, tokenizer_file):
-    proc, torch_loaded = run_cli("train", "examples/tiny_cpu.yaml", f"run_dir={tmp_path / 'run'}", *DAPO,
-                                 f"data.tokenizer_path={tokenizer_file}", "data.on_bad_row=fail")
-    assert_one_line_error(proc, f"{DATA / 'dapo_math_sample.jsonl'}:3: malformed dapo_math row: missing key "
-                                "'reward_model'", "set data.on_bad_row=skip")
-    assert not torch_loaded and not (tmp_path / "run").exists()
+    error = train_refused(tmp_path, *DAPO, f"data.tokenizer_path={tokenizer_file}", "data.on_bad_row=fail")
+    assert f"{DATA / 'dapo_math_sample.jsonl'}:3: malformed dapo_math row: missing key 'reward_model'" in error, error
+    assert "set data.on_bad_row=skip" in error, error
 
 
 @pytest.mark.parametrize("key", ["train_path", "eval_path"])
 def test_missing_data_path(tmp_path, tokenizer_file, key):
-    proc, torch_loaded = run_cli("train", "examples/tiny_cpu.yaml", f"run_dir={tmp_path / 'run'}", *DAPO,
-                                 f"data.tokenizer_path={tokenizer_file}", f"data.{key}={tmp_path / 'nope.parquet'}")
-    assert_one_line_error(proc, f"data.{key}: {tmp_path / 'nope.parquet'} is not a file")
-    assert not torch_loaded and not (tmp_path / "run").exists()
+    missing = tmp_path / "nope.parquet"
+    error = train_refused(tmp_path, *DAPO, f"data.tokenizer_path={tokenizer_file}", f"data.{key}={missing}")
+    assert f"data.{key}: {missing} is not a file" in error, error
 
 
 @pytest.mark.parametrize("key", ["train_path", "eval_path"])
 def test_empty_data_file(tmp_path, tokenizer_file, key):
-    (tmp_path / "empty.jsonl").write_text("")
-    proc, torch_loaded = run_cli("train", "examples/tiny_cpu.yaml", f"run_dir={tmp_path / 'run'}", *DAPO,
-                                 f"data.tokenizer_path={tokenizer_file}", f"data.{key}={tmp_path / 'empty.jsonl'}")
-    assert_one_line_error(proc, f"data.{key} {tmp_path / 'empty.jsonl'}: no usable problems")
-    assert not torch_loaded and not (tmp_path / "run").exists()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    error = train_refused(tmp_path, *DAPO, f"data.tokenizer_path={tokenizer_file}", f"data.{key}={empty}")
+    assert f"data.{key} {empty}: no usable problems" in error, error
 
 
-def test_every_eval_prompt_too_long(tmp_path, tokenizer_file):
-    """Today: the whole warm start ran, then ZeroDivisionError in the first eval."""
-    proc, torch_loaded = run_cli("train", "examples/tiny_cpu.yaml", f"run_dir={tmp_path / 'run'}", *DAPO,
-                                 f"data.tokenizer_path={tokenizer_file}")
-    assert_one_line_error(proc, f"data.eval_path {DATA / 'aime_sample.jsonl'}: all 2 prompts are longer than "
-                                "data.max_prompt_length=40 tokens; raise data.max_prompt_length")
-    assert not torch_loaded and not (tmp_path / "run").exists()
+@pytest.mark.parametrize("task,overrides,message", [
+    # Today: the whole warm start ran, then ZeroDivisionError in the first eval.
+    ("dapo_math", ["data.max_prompt_length=40"], f"data.eval_path {DATA / 'aime_sample.jsonl'}: all 2 prompts are "
+                                                 "longer than data.max_prompt_length=40 tokens; raise data.max_prompt_length"),
+    ("arithmetic", ["data.max_prompt_length=2"], "the arithmetic task's train split: all 100 prompts are longer than "
+                                                 "data.max_prompt_length=2 tokens"),
+])
+def test_every_prompt_of_a_set_too_long(tmp_path, tokenizer_file, task, overrides, message):
+    data = [*DAPO, f"data.tokenizer_path={tokenizer_file}"] if task == "dapo_math" else []
+    assert message in train_refused(tmp_path, *data, *overrides)
 
 
-def test_every_train_prompt_too_long(tmp_path):
-    proc, torch_loaded = run_cli("train", "examples/tiny_cpu.yaml", f"run_dir={tmp_path / 'run'}",
-                                 "data.max_prompt_length=2")
-    assert_one_line_error(proc, "the arithmetic task's train split: all 100 prompts are longer than "
-                                "data.max_prompt_length=2 tokens")
-    assert not torch_loaded and not (tmp_path / "run").exists()
-
-
-def test_prompt_plus_response_beyond_max_position_embeddings(tmp_path):
-    proc, torch_loaded = run_cli("train", "examples/tiny_cpu.yaml", f"run_dir={tmp_path / 'run'}",
-                                 "rollout.max_response_length=60")
-    assert_one_line_error(proc, "data.max_prompt_length (16) + rollout.max_response_length (60) = 76 tokens exceeds "
-                                "the model's max_position_embeddings (64")
-    assert not torch_loaded and not (tmp_path / "run").exists()
-
-
-def test_overlong_buffer_longer_than_the_response(tmp_path):
-    """Today: the warm start and the first rollout ran, then a ValueError in the reward."""
-    proc, torch_loaded = run_cli("train", "examples/tiny_cpu.yaml", f"run_dir={tmp_path / 'run'}",
-                                 "reward.overlong_buffer_length=8")
-    assert_one_line_error(proc, "reward.overlong_buffer_length (8) exceeds rollout.max_response_length (6)")
-    assert not torch_loaded and not (tmp_path / "run").exists()
+@pytest.mark.parametrize("override,message", [
+    ("rollout.max_response_length=60", "data.max_prompt_length (16) + rollout.max_response_length (60) = 76 tokens "
+                                       "exceeds the model's max_position_embeddings (64"),
+    # Today: the warm start and the first rollout ran, then a ValueError in the reward.
+    ("reward.overlong_buffer_length=8", "reward.overlong_buffer_length (8) exceeds rollout.max_response_length (6)"),
+])
+def test_lengths_that_do_not_fit(tmp_path, override, message):
+    assert message in train_refused(tmp_path, override)
 
 
 def test_wandb_project_without_wandb_names_the_install_command(tmp_path):
-    proc, torch_loaded = run_cli("train", "examples/tiny_cpu.yaml", f"run_dir={tmp_path / 'run'}",
-                                 "trainer.wandb_project=demo", block_wandb=True)
-    assert_one_line_error(proc, "trainer.wandb_project='demo' needs wandb",
-                          "scripts/setup_env.sh requirements-wandb.txt")
-    assert not torch_loaded and not (tmp_path / "run").exists()
+    error = train_refused(tmp_path, "trainer.wandb_project=demo", block_wandb=True)
+    assert "trainer.wandb_project='demo' needs wandb" in error, error
+    assert "scripts/setup_env.sh requirements-wandb.txt" in error, error
 
 
 def test_requirements_wandb_is_the_extra_the_error_names():
