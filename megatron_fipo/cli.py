@@ -236,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"megatron-fipo: config error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before train's own stop handler is in place, or in another command
+        print(f"megatron-fipo {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

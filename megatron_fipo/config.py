@@ -134,6 +134,9 @@ class DataConfig:
     # False: the eval problems are held out of training. True: a fixed sample of the training
     # problems (the tiny job measures how much RL improves the policy, not generalization).
     arithmetic_eval_from_train: bool = False
+    # Your own prompt for training and eval problems: "package.module:function" called as
+    # function(problem) -> prompt text or chat messages; see megatron_fipo/hooks.py
+    custom_prompt: str = ""
 
     def __post_init__(self) -> None:
         if self.task == "dapo_math" and self.tokenizer == "sentencepiece" and not self.tokenizer_path:
@@ -207,6 +210,9 @@ class RewardConfig:
     # DAPO overlong penalty: starts this many tokens before rollout.max_response_length (0 = off)
     overlong_buffer_length: int = 4096
     overlong_penalty_factor: float = 1.0  # The penalty at rollout.max_response_length, falling linearly from 0
+    # Your own reward instead of math-verify: "package.module:function" called as
+    # function(response, answer, problem) -> score or (score, correct); see megatron_fipo/hooks.py
+    custom_reward: str = ""
 
 
 @dataclass

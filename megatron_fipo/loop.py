@@ -314,7 +314,7 @@ class Trainer:
             problems = self.data.eval_problems
             groups = self.engine.generate([self.data.prompt_ids(p) for p in problems], self.cfg.rollout.eval_n_samples,
                                           self._sampling(eval_mode=True), seed=self.cfg.trainer.seed + 7919 * self.state.step)
-            scores = self.scorer.score(groups, [p.answer for p in problems])
+            scores = self.scorer.score(groups, problems)
             lengths = [len(s.response_ids) for g in groups for s in g]
             result = {"accuracy": scores.correct.float().mean().item(), "response_length": sum(lengths) / len(lengths)}
         return _broadcast(result)
@@ -356,7 +356,7 @@ class Trainer:
                                           self._sampling(eval_mode=False), seed=seed)
         except GenerationAborted:
             return  # this rank's stop flag is set: the agreement that follows stops the step
-        scores = self.scorer.score(groups, [p.answer for p in problems])
+        scores = self.scorer.score(groups, problems)
         for k, v in scores.status_counts.items():
             pool.statuses[k] = pool.statuses.get(k, 0) + v
         keep = dynamic_sampling_mask(scores.rewards) if tr.dynamic_sampling else torch.ones(len(groups), dtype=torch.bool)

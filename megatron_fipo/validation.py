@@ -136,6 +136,10 @@ def validate_inputs(cfg: RunConfig) -> None:
             raise ConfigError(f"trainer.wandb_project={cfg.trainer.wandb_project!r} needs wandb, which is not "
                               "installed: run scripts/setup_env.sh requirements-wandb.txt (or pip install -e '.[wandb]'), "
                               "or set trainer.wandb_project=''") from None
+    if cfg.reward.custom_reward:  # user code that does not import fails here, not once the model is built
+        from megatron_fipo.hooks import load_hook
+
+        load_hook(cfg.reward.custom_reward, "reward.custom_reward")
 
 
 def validate_launch(cfg: RunConfig) -> ModelArch:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from megatron_fipo.config import RunConfig
 from megatron_fipo.config_base import ConfigError
@@ -19,6 +19,7 @@ from megatron_fipo.data.arithmetic import arithmetic_problems, split_eval, token
 from megatron_fipo.data.math_datasets import INSTRUCTIONS, load_problems
 from megatron_fipo.data.problems import Problem, ProblemStream
 from megatron_fipo.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
+from megatron_fipo.hooks import load_hook, problem_record
 from megatron_fipo.model_arch import ModelArch
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,12 @@ class DataBundle:
     train_stream: ProblemStream
     too_long: int  # prompts dropped for exceeding data.max_prompt_length
     trained_tokenizer: Optional[SentencePieceTokenizer] = None  # trained for this run, not yet saved
+    custom_prompt: Optional[Callable] = None  # data.custom_prompt: problem -> text, or chat messages
 
     def prompt_ids(self, problem: Problem) -> list[int]:
-        return self.tokenizer.encode(self.tokenizer.render_prompt(list(problem.messages)))
+        """Training, warm-start and eval prompts alike."""
+        prompt = self.custom_prompt(problem_record(problem)) if self.custom_prompt else list(problem.messages)
+        return self.tokenizer.encode(prompt if isinstance(prompt, str) else self.tokenizer.render_prompt(prompt))
 
     def answer_ids(self, problem: Problem) -> list[int]:
         """Reference response for the supervised warm start: the answer, then end of sequence."""
@@ -103,7 +107,8 @@ def setup_data(cfg: RunConfig, arch: ModelArch) -> DataBundle:
     tokenizer, trained = _tokenizer(cfg, corpus)
     if tokenizer.vocab_size > arch.vocab_size:
         raise ConfigError(f"data.tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {arch.vocab_size}")
-    bundle = DataBundle(tokenizer, [], [], None, 0, tokenizer if trained else None)  # type: ignore[arg-type]
+    bundle = DataBundle(tokenizer, [], [], None, 0, tokenizer if trained else None,  # type: ignore[arg-type]
+                        load_hook(d.custom_prompt, "data.custom_prompt") if d.custom_prompt else None)
     fits = lambda p: len(bundle.prompt_ids(p)) <= d.max_prompt_length  # noqa: E731
     bundle.train_problems = [p for p in train if fits(p)]
     bundle.eval_problems = [p for p in evals if fits(p)]

@@ -169,3 +169,13 @@ def test_sigterm_then_sigint_in_the_rollout_resume_to_the_uninterrupted_result(t
         assert {k: a[k] for k in same} == {k: b[k] for k in same}, a["step"]
     summary, ref_summary = (json.loads((d / "summary.json").read_text()) for d in (run, ref))
     assert {k: v for k, v in summary.items() if k != "wall_seconds"} == {k: v for k, v in ref_summary.items() if k != "wall_seconds"}
+
+
+def test_ctrl_c_while_the_run_starts_up_is_one_line(tmp_path):
+    """SIGINT before the trainer's stop handler is in place (torch and Megatron still importing)."""
+    proc = subprocess.Popen(_cmd(tmp_path), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == "megatron-fipo train: interrupted" and "Traceback" not in err
