@@ -78,6 +78,9 @@ def validate_run(cfg: RunConfig, world_size: int | None = None) -> ModelArch:
             f"reward.overlong_buffer_length ({cfg.reward.overlong_buffer_length}) exceeds rollout.max_response_length "
             f"({cfg.rollout.max_response_length}): the overlong penalty would start before the response does; "
             "lower it (0 turns the penalty off)")
+    if cfg.actor.offload and cfg.rollout.placement == "disaggregated":
+        raise ConfigError("actor.offload frees the trainer's GPUs for engines that share them; with "
+                          "rollout.placement=disaggregated the engines have GPUs of their own: set actor.offload=false")
     dp = validate_parallel(cfg.parallel, arch, world_size or world_size_from_env())
     if cfg.parallel.context_parallel_size > 1 and cfg.actor.packing == "off":
         raise ConfigError(

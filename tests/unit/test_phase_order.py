@@ -94,3 +94,14 @@ def test_offload_between_every_phase_ends_bit_equal(runs):
     strip = lambda m: {k: v for k, v in m.items() if not k.startswith(timing)}  # noqa: E731
     assert [strip(m) for m in metrics_on] == [strip(m) for m in metrics_off]
     assert all("time/offload_s" in m and "time/onload_s" in m for m in metrics_on if "actor/loss" in m)
+
+
+def test_offload_without_shared_gpus_is_refused():
+    from megatron_fipo.config import RunConfig
+    from megatron_fipo.config_base import ConfigError, load_config
+    from megatron_fipo.validation import validate_run
+
+    cfg = load_config(RunConfig, "examples/tiny_cpu.yaml", ["actor.offload=true", "rollout.placement=disaggregated"])
+    with pytest.raises(ConfigError, match="actor.offload=false"):
+        validate_run(cfg, world_size=1)
+    validate_run(load_config(RunConfig, "examples/tiny_cpu.yaml", ["actor.offload=true"]), world_size=1)
