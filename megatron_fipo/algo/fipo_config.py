@@ -12,7 +12,9 @@ UNCLIPPED_INFLUENCE_BOUNDS = (0.0, 10.0)
 class FIPOConfig:
     """FIPO loss knobs; defaults are the paper's public Qwen2.5-32B recipe (run_fipo_qwen2.5_32b.sh)."""
 
+    # PPO ratio clip: the ratio's lower bound is 1 - clip_ratio_low.
     clip_ratio_low: float = 0.2
+    # The upper bound 1 + clip_ratio_high; larger than the lower margin (DAPO's clip-higher).
     clip_ratio_high: float = 0.28
     # Dual clip: for A < 0 the surrogate is capped at -A * c; tokens with ratio > c also leave Future-KL.
     dual_clip_c: float = 10.0
@@ -23,8 +25,12 @@ class FIPOConfig:
     influence_clip: float = 0.2
     # True: weights in [1, 1 + clip] (32B recipe); False: [1 - clip, 1 + clip] (paper's 7B runs).
     influence_clip_high_only: bool = True
+    # A negative-advantage token whose ratio exceeds this keeps its influence weight in [0.8, 1.0].
     safety_threshold: float = 10.0
+    # log(pi / pi_old) is clamped to +-this before the ratio and Future-KL (the official code's 20).
     logratio_clamp: float = 20.0
+    # A sequence with two or more tokens held by the dual clip leaves the loss, numerator and
+    # denominator (the official filter: the mean is over the surviving tokens).
     filter_dual_clip_sequences: bool = True
     # The paper's Eq. 5 masks only negative-advantage tokens above c out of Future-KL; the official
     # code masks every token above c. False follows the code.
