@@ -34,7 +34,7 @@ from megatron_fipo.plotting import plot_run
 from megatron_fipo.progress import progress_bar
 from megatron_fipo.reward.scoring import Scorer
 from megatron_fipo.rollout.base import GenerationAborted, Sample, SamplingParams
-from megatron_fipo.rollout.factory import build_engine
+from megatron_fipo.rollout.factory import build_engine, build_handoff
 from megatron_fipo.sequences import SequenceBatch, pad_rows
 from megatron_fipo.stop import StopFlag
 
@@ -130,6 +130,7 @@ class Trainer:
         elif cfg.actor.load_megatron:
             load_megatron_weights(self.actor, cfg.actor.load_megatron)
         self.engine = build_engine(cfg, arch) if self.is_rank0 else None
+        self.handoff = build_handoff(cfg, self.engine)  # each node loads its own servers, or None
         self.scorer = Scorer(cfg.reward, self.data.tokenizer, cfg.rollout.max_response_length)
         self.metrics = MetricsLogger(self.run_dir, cfg.trainer.tensorboard, cfg.trainer.wandb_project,
                                      asdict(cfg)) if self.is_rank0 else None
@@ -243,8 +244,11 @@ class Trainer:
     def _sync_weights(self, version: int) -> float:
         """Bridge: Megatron shards -> HF-named buckets -> rollout engine."""
         start = time.time()
-        buckets = iter_hf_buckets(self.actor, self.cfg.rollout.bridge_bucket_mb * 2**20)
-        if self.engine is not None:
+        sinks = self.handoff.sink_ranks if self.handoff is not None else frozenset({0})
+        buckets = iter_hf_buckets(self.actor, self.cfg.rollout.bridge_bucket_mb * 2**20, sinks)
+        if self.handoff is not None:
+            self.handoff.sync(buckets, version)
+        elif self.engine is not None:
             self.engine.update_weights(buckets, version)
         else:
             for _ in buckets:  # non-sink ranks still run the gathers

@@ -60,9 +60,34 @@ def validate_memory(cfg: RunConfig, arch: ModelArch, world_size: int, enforce: b
     return ledger
 
 
-def validate_run(cfg: RunConfig, world_size: int | None = None) -> ModelArch:
+def validate_weight_handoff(cfg: RunConfig, nodes: int, nproc_per_node: int) -> None:
+    """How colocated SGLang servers get the trainer's weights (rollout/sglang_handoff.py)."""
+    rollout, sg, par = cfg.rollout, cfg.rollout.sglang, cfg.parallel
+    if rollout.engine != "sglang" or rollout.placement != "colocated":
+        return
+    if sg.weight_transport == "distributed":
+        raise ConfigError(
+            "rollout.sglang.weight_transport=distributed with rollout.placement=colocated: its broadcast group "
+            "would hold trainer rank 0 and the first TP rank of server 0, both on GPU 0 of node 0, and NCCL "
+            "refuses two ranks on one GPU; set it to tensor (each node hands CUDA-IPC handles to its own "
+            "servers) or disk (a broadcast is for disaggregated placement)")
+    if sg.weight_transport != "tensor" or nodes == 1:
+        return
+    replica = par.tensor_model_parallel_size * par.context_parallel_size
+    if par.pipeline_model_parallel_size != 1 or nproc_per_node % replica:
+        raise ConfigError(
+            f"parallel.pipeline_model_parallel_size={par.pipeline_model_parallel_size}, tensor x context = "
+            f"{replica}: the per-node weight handoff needs whole model replicas on each node of "
+            f"{nproc_per_node} ranks (pipeline size 1, tensor x context dividing it), so that every node's "
+            "first rank builds the full weights; change the layout or set rollout.sglang.weight_transport=disk")
+    if sg.urls and len(sg.urls) % nodes:
+        raise ConfigError(f"rollout.sglang.urls: {len(sg.urls)} servers do not spread evenly over the {nodes} "
+                          "training nodes; list the same number per node, node by node")
+
+
+def validate_run(cfg: RunConfig, world_size: int | None = None, nproc_per_node: int | None = None) -> ModelArch:
     """Everything checkable from the config, the model's config.json and the launch environment
-    (or, for a job about to be launched, its world size)."""
+    (or, for a job about to be launched, its world size and ranks per node)."""
     if not cfg.actor.model_config:
         raise ConfigError("actor.model_config: set it to a Hugging Face config.json (or its directory), "
                           "or set actor.load_hf and its config.json is used")
@@ -81,11 +106,14 @@ def validate_run(cfg: RunConfig, world_size: int | None = None) -> ModelArch:
     if cfg.actor.offload and cfg.rollout.placement == "disaggregated":
         raise ConfigError("actor.offload frees the trainer's GPUs for engines that share them; with "
                           "rollout.placement=disaggregated the engines have GPUs of their own: set actor.offload=false")
-    dp = validate_parallel(cfg.parallel, arch, world_size or world_size_from_env())
+    world_size = world_size or world_size_from_env()
+    dp = validate_parallel(cfg.parallel, arch, world_size)
     if cfg.parallel.context_parallel_size > 1 and cfg.actor.packing == "off":
         raise ConfigError(
             f"actor.packing=off: parallel.context_parallel_size={cfg.parallel.context_parallel_size} splits packed "
             "sequences over the CP ranks (Megatron's THD layout); set actor.packing to auto or on")
+    per_node = nproc_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    validate_weight_handoff(cfg, max(world_size // per_node, 1), per_node)
     mb = cfg.trainer.minibatch_prompts * cfg.rollout.n_samples
     if mb % dp:
         raise ConfigError(
@@ -160,6 +188,10 @@ def validate_launch(cfg: RunConfig) -> ModelArch:
                 f"rollout.sglang.num_servers={sg.num_servers} must spread evenly over the {serve_nodes} serving "
                 f"node(s), each server's rollout.sglang.tp_size={sg.tp_size} GPUs within launch.gpus_per_node="
                 f"{launch.gpus_per_node}; change num_servers, tp_size or launch.nodes / launch.sglang_nodes")
+    if rollout.engine == "sglang" and not sg.urls and not sg.python:
+        raise ConfigError("rollout.sglang.python: the job's SGLang servers run in SGLang's own environment (its "
+                          "pins clash with the trainer's); set it to that interpreter on the nodes, e.g. "
+                          ".venv-sglang/bin/python from requirements-sglang-gpu.txt (README: SGLang on the nodes)")
     if job_starts_servers(cfg):
         if disaggregated and not launch.sglang_nodes:
             raise ConfigError(f"launch.sglang_nodes: rollout.placement=disaggregated on launch.nodes={launch.nodes} "
@@ -167,7 +199,7 @@ def validate_launch(cfg: RunConfig) -> ModelArch:
         if not cfg.actor.load_hf:
             raise ConfigError("actor.load_hf: SGLang servers on other nodes start from a Hugging Face checkpoint; "
                               "set it")
-    arch = validate_run(cfg, world_size=launch.training_world_size)
+    arch = validate_run(cfg, world_size=launch.training_world_size, nproc_per_node=launch.nproc_per_node)
     validate_memory(cfg, arch, launch.training_world_size, enforce=launch.gpus_per_node > 0)
     return arch
 

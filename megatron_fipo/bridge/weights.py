@@ -105,21 +105,26 @@ class _Entry:
 
 
 @torch.no_grad()
-def iter_hf_buckets(actor, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Yield lists of (hf_name, full tensor) on global rank 0, each at most ~bucket_bytes.
+def iter_hf_buckets(actor, bucket_bytes: int,
+                    sink_ranks: frozenset[int] = frozenset({SINK_RANK})) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Yield lists of (hf_name, full tensor) on each of ``sink_ranks``, each at most ~bucket_bytes.
 
-    Every rank must iterate it to the end (it runs the gathers); ranks other than 0 get nothing.
-    Data-parallel replicas other than the first return at once: their weights are identical.
+    A sink is the first rank (TP 0, PP 0) of its model replica; global rank 0 by default, every
+    node's first rank for the per-node handoff (rollout/sglang_handoff.py). Every rank must iterate
+    it to the end (it runs the gathers); ranks other than the sinks get nothing. Replicas without a
+    sink, and context-parallel ranks other than 0, return at once: their weights are identical.
     """
     ps = actor.ps
-    if ps.get_data_parallel_rank() != 0:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    sink = min(dist.get_process_group_ranks(ps.get_model_parallel_group())) if dist.is_initialized() else 0
+    if sink not in sink_ranks or ps.get_context_parallel_rank() != 0:
         return
     arch: ModelArch = actor.arch
     tp_group, pp_group = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
     tp_size, pp_size = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     pp_ranks = dist.get_process_group_ranks(pp_group) if pp_size > 1 else [dist.get_rank() if dist.is_initialized() else 0]
-    is_sink = (dist.get_rank() if dist.is_initialized() else 0) == SINK_RANK
+    is_sink = rank == sink
 
     local = _local_mappings(actor)
     entries = [_Entry(pp_rank, i, m.hf_names) for i, (m, _) in enumerate(local)]

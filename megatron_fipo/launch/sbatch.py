@@ -2,9 +2,12 @@
 
 One node: the trainer launches its SGLang servers itself (loopback). Several nodes: the script
 starts the servers on every node (colocated) or on the last ``launch.sglang_nodes`` nodes
-(disaggregated), bound to each node's hostname inside the cluster, and the trainer reaches them by
-URL and updates them by broadcast from its rank 0 (``weight_transport=distributed``): CUDA IPC
-handles do not cross nodes.
+(disaggregated), bound to each node's hostname inside the cluster, with ``rollout.sglang.python``
+(SGLang's own environment, requirements-sglang-gpu.txt), and lists their URLs node by node. Colocated,
+the first trainer rank of every node loads its own node's servers through CUDA-IPC handles
+(rollout/sglang_handoff.py); disaggregated, trainer rank 0 broadcasts to them
+(``weight_transport=distributed``, its group's master on the head node). A server that exits is
+started again by the script; the trainer waits for it and re-forms its update group.
 
 Preemption and the time limit: Slurm sends SIGTERM to the batch shell only (``--signal=B:``), which
 passes it to the trainer's step alone (torchrun and its workers), so the servers keep serving while
@@ -14,7 +17,6 @@ preempted job ends FAILED unless ``launch.requeue`` requeues it to go on from th
 
 from __future__ import annotations
 
-import dataclasses
 import shlex
 import subprocess
 from pathlib import Path
@@ -58,9 +60,8 @@ def _sglang_block(cfg: RunConfig, repo: str, logs: Path) -> list[str]:
     launch, sg = cfg.launch, cfg.rollout.sglang
     serve_first = launch.nodes - launch.sglang_nodes if launch.sglang_nodes else 0
     per_node = sg.num_servers // (launch.sglang_nodes or launch.nodes)  # validate_launch: it divides
-    server = dataclasses.replace(sg, python=sg.python or launch.python)
     release = cfg.rollout.placement == "colocated" and sg.release_memory
-    cmd = server_command(server, cfg.actor.load_hf, "$node", "$port", release, base_gpu_id=f"$((j * {sg.tp_size}))")
+    cmd = server_command(sg, cfg.actor.load_hf, "$node", "$port", release, base_gpu_id=f"$((j * {sg.tp_size}))")
     # $node, $port and the GPU offset are loop variables of the batch shell; the rest is quoted.
     quoted = " ".join(a if a.startswith("$") else shlex.quote(a) for a in cmd)
     return [
@@ -69,9 +70,15 @@ def _sglang_block(cfg: RunConfig, repo: str, logs: Path) -> list[str]:
         'for node in "${serve_nodes[@]}"; do',
         f"  for j in $(seq 0 {per_node - 1}); do",
         f"    port=$(({sg.base_port} + j))",
+        # A server that exits is started again (from the HF weights); the trainer routes around it
+        # meanwhile and waits for it before the next update. The loop ends with the job.
+        "    while true; do",
         # --overlap: servers of one node share its allocation, and colocated ones the trainer's too.
-        f"    {_srun(cfg, repo)} --overlap --nodes=1 --ntasks=1 -w \"$node\" {quoted} \\",
-        f"      > {logs}/sglang-$node-$j.log 2>&1 &",
+        f"      {_srun(cfg, repo)} --overlap --nodes=1 --ntasks=1 -w \"$node\" {quoted} \\",
+        f"        >> {logs}/sglang-$node-$j.log 2>&1 || true",
+        f'      echo "SGLang server $node:$port exited; starting it again" >> {logs}/sglang-$node-$j.log',
+        "      sleep 10",
+        "    done &",
         '    urls+=("http://$node:$port")',
         "  done",
         "done",
@@ -92,11 +99,13 @@ def render_sbatch(cfg: RunConfig, config_path: str, repo: str) -> str:
     overrides = ""
     if servers:
         lines += _sglang_block(cfg, repo, logs)
-        # The broadcast group's rank 0 is the trainer's rank 0, on the head node (--node-rank below).
-        overrides = (' \\"rollout.sglang.urls=$urls_yaml\\" rollout.sglang.weight_transport=distributed'
-                     ' rollout.sglang.host=$head')
+        overrides = ' \\"rollout.sglang.urls=$urls_yaml\\"'
+        if cfg.rollout.placement == "disaggregated":
+            # The broadcast group's rank 0 is the trainer's rank 0, on the head node (--node-rank below).
+            overrides += " rollout.sglang.weight_transport=distributed rollout.sglang.host=$head"
     # Static rendezvous on the head node with --node-rank from Slurm, not c10d's first-come ranks:
-    # global rank 0 must be on $head, where the servers' weight-update group meets it.
+    # global rank 0 must be on $head (a broadcast group's master), and node k's ranks on nodes[k],
+    # whose servers they load (the URLs are listed in that order).
     torchrun = (f"{shlex.quote(launch.python)} -m torch.distributed.run --nnodes {train_nodes} "
                 f"--nproc-per-node {launch.nproc_per_node} --node-rank \\$SLURM_NODEID "
                 f"--master-addr $head --master-port {launch.rdzv_port} "

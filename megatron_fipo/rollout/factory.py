@@ -14,3 +14,12 @@ def build_engine(cfg: RunConfig, arch: ModelArch):
     from megatron_fipo.rollout.sglang_engine import SGLangEngine
 
     return SGLangEngine(cfg.rollout, arch, cfg.run_dir)
+
+
+def build_handoff(cfg: RunConfig, engine):
+    """The per-node weight handoff where the config places servers on every node, else None."""
+    if cfg.rollout.engine != "sglang":
+        return None
+    from megatron_fipo.rollout.sglang_handoff import build_handoff as build
+
+    return build(cfg, engine)

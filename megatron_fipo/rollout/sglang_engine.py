@@ -24,7 +24,8 @@ from megatron_fipo.config import RolloutConfig
 from megatron_fipo.model_arch import ModelArch
 from megatron_fipo.rollout.base import Sample, SamplingParams
 from megatron_fipo.rollout.sglang_http import SGLangError, ServerUnavailable
-from megatron_fipo.rollout.sglang_server import SGLangServer
+from megatron_fipo.rollout.sglang_memory import KV_CACHE, Phase
+from megatron_fipo.rollout.sglang_server import SGLangServer, job_script_servers
 from megatron_fipo.rollout.sglang_weights import (DiskTransport, DistributedTransport, TensorTransport, each_server,
                                                   set_version)
 
@@ -38,11 +39,11 @@ class SGLangEngine:
         self.external = bool(self.cfg.urls)
         # Colocated servers, launched here or by the job script, give their memory to the trainer between phases.
         release = cfg.placement == "colocated" and self.cfg.release_memory
-        count = len(self.cfg.urls) if self.external else self.cfg.num_servers
-        self.servers = [SGLangServer(self.cfg, i, run_dir / "sglang" / f"server-{i}.log", release) for i in range(count)]
-        for server, url in zip(self.servers, self.cfg.urls):
-            server.url = server.http.url = url.rstrip("/")
-        self.release_memory = release
+        if self.external:
+            self.servers = job_script_servers(self.cfg, run_dir, release, range(len(self.cfg.urls)))
+        else:
+            self.servers = [SGLangServer(self.cfg, i, run_dir / "sglang" / f"server-{i}.log", release)
+                            for i in range(self.cfg.num_servers)]
         self.snapshots = DiskTransport(run_dir / "rollout_weights", arch)
         if self.cfg.weight_transport == "tensor":
             self.transport = TensorTransport()
@@ -51,7 +52,8 @@ class SGLangEngine:
         else:
             self.transport = DistributedTransport(self.cfg.host, self.cfg.weights_update_port, self.cfg.distributed_backend)
         self.weight_version = -1  # none yet: managed servers start with the first update
-        self.released = False
+        # Which memory tags the servers keep resident (sglang_memory.py); fresh servers hold all.
+        self.phase: Phase = "generate"
         self.in_flight = [0] * len(self.servers)
         self.served = [0] * len(self.servers)  # sequences each server completed: the routing's record
         self.lock = threading.Lock()
@@ -66,40 +68,68 @@ class SGLangEngine:
                 self.changed.wait()
 
     def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> None:
-        self.wait_for_recoveries()
         if self.weight_version < 0 and not self.external:
             path = self.snapshots.write(buckets, version)
             for server in self.servers:
                 server.start(str(path.resolve()))
             for server in self.servers:
                 server.wait_healthy()
+            self._enter("update")  # the trainer's turn next: keep the weights, give back the rest
             set_version(self.servers, version)
         else:
-            if self.weight_version < 0:  # started by the job script; they may still be loading
-                for server in self.servers:
-                    server.wait_healthy()
-            if self.released:  # colocated: the weights must be resident to be overwritten
-                self._each("/resume_memory_occupation", {"tags": ["weights"]})
+            self.begin_update()
             self.transport.push(self.servers, buckets, version)
-            self._each("/flush_cache", {})  # cached prefixes hold KV of the old weights
+            self.end_update(version)
+        self.weight_version = version
+
+    def begin_update(self) -> None:
+        """Before a push: every server up (a dead one is recovered first) and its weights resident."""
+        if self.weight_version < 0 and self.external:  # started by the job script; they may still be loading
+            for server in self.servers:
+                server.wait_healthy()
+        self._enter("update")
+
+    def end_update(self, version: int) -> None:
+        """After a push: drop cached prefixes (their KV came from the old weights), stamp the version."""
+        # A released KV cache was flushed by its release, and nothing ran since.
+        each_server([s for s in self.servers if s.memory.resident(KV_CACHE)], lambda s: s.http.post("/flush_cache"))
+        set_version(self.servers, version)
         self.weight_version = version
 
     def pause(self) -> None:
-        if self.release_memory and not self.released:
-            self._each("/release_memory_occupation", {})
-            self.released = True
+        """The trainer's phase: colocated servers give back every tag."""
+        self._enter("train")
 
     def resume(self) -> None:
-        if self.released:
-            self._each("/resume_memory_occupation", {})
-            self.released = False
+        """Generation (rollouts, eval): every tag resident."""
+        self._enter("generate")
 
     def shutdown(self) -> None:
         for server in self.servers:
             server.stop()
 
-    def _each(self, path: str, payload: dict) -> None:
-        each_server(self.servers, lambda s: s.http.post(path, payload))
+    def _enter(self, phase: Phase) -> None:
+        """Every server up and tracked, then holding what ``phase`` needs (sglang_memory.py)."""
+        self._check_servers()
+        self.wait_for_recoveries()
+        self.phase = phase
+        each_server(self.servers, lambda s: s.memory.enter(phase) or {})
+
+    def _check_servers(self) -> None:
+        """A dead server is recovered; one that restarted unseen (the job script brought it back
+        between two calls) is a new process: its tags and its end of an update group are reset."""
+        for index, server in enumerate(self.servers):
+            try:
+                reported = server.http.get("/model_info", timeout_s=30).get("weight_version")
+            except (ServerUnavailable, SGLangError):
+                self._report_dead(index)
+                continue
+            if server.weight_version is not None and reported != server.weight_version:
+                log.warning("SGLang server %s restarted since version %s was stamped on it (it reports %s): it "
+                            "holds every memory tag again and the job's initial weights until the next update",
+                            server.url, server.weight_version, reported)
+                server.new_process()
+                self.transport.server_restarted(server)
 
     # ---- generation --------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams, seed: int) -> list[list[Sample]]:
@@ -164,16 +194,23 @@ class SGLangEngine:
         try:
             if server.alive() and server.http.healthy():
                 return  # a transient error
-            if self.external:  # its own supervisor (the job script's srun) must bring it back
-                log.warning("SGLang server %s is unreachable; routing around it until it answers again", server.url)
+            if self.external:  # the job script restarts it (sbatch.py); it comes back with the HF weights
+                log.warning("SGLang server %s (started by the job script) is unreachable; routing around it and "
+                            "waiting up to rollout.sglang.startup_timeout_s=%s s for it to come back",
+                            server.url, self.cfg.startup_timeout_s)
                 server.wait_healthy()
-                return
-            path, version = self.snapshots.latest
-            server.restart(str(path.resolve()))
-            set_version([server], version)
-            if version != self.weight_version:
-                log.warning("SGLang server %d restarted with weight version %d (current %d) until the next update",
-                            index, version, self.weight_version)
+                server.new_process()
+                log.warning("SGLang server %s is back, with the job's initial weights until the next update",
+                            server.url)
+            else:
+                path, version = self.snapshots.latest
+                server.restart(str(path.resolve()))
+                set_version([server], version)
+                if version != self.weight_version:
+                    log.warning("SGLang server %d restarted with weight version %d (current %d) until the next "
+                                "update", index, version, self.weight_version)
+            self.transport.server_restarted(server)
+            server.memory.enter(self.phase)  # a new process holds every tag; the phase may want fewer
         except Exception:  # noqa: BLE001 - back in routing either way; its requests then fail and say why
             log.exception("SGLang server %d (%s) could not be recovered", index, server.url)
         finally:

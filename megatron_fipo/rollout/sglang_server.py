@@ -9,9 +9,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterable
 
 from megatron_fipo.config import SGLangConfig
 from megatron_fipo.rollout.sglang_http import SGLangHTTP
+from megatron_fipo.rollout.sglang_memory import ServerMemory
 
 log = logging.getLogger("megatron_fipo")
 
@@ -44,6 +46,10 @@ class SGLangServer:
         self.port = cfg.base_port + index
         self.url = f"http://{cfg.host}:{self.port}"
         self.http = SGLangHTTP(self.url, cfg.api_key, cfg.request_timeout_s)
+        self.memory = ServerMemory(lambda path, payload: self.http.post(path, payload), release_memory)
+        # The version last stamped on this process (set_version); None until then. A server that
+        # reports another one is a new process: a restart nobody saw.
+        self.weight_version: str | None = None
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
@@ -60,10 +66,16 @@ class SGLangServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = self.command(model_path)
         log.info("starting SGLang server %d: %s", self.index, " ".join(cmd))
+        self.new_process()
         with open(self.log_path, "ab") as out:
             # Its own process group, so stop() also ends the scheduler and detokenizer children.
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def new_process(self) -> None:
+        """A (re)started server: every memory tag resident, no version stamped."""
+        self.memory.restarted()
+        self.weight_version = None
 
     def wait_healthy(self) -> None:
         deadline = time.time() + self.cfg.startup_timeout_s
@@ -74,8 +86,10 @@ class SGLangServer:
             if self.http.healthy():
                 return
             time.sleep(1.0)
-        raise TimeoutError(f"SGLang server {self.index} not healthy within rollout.sglang.startup_timeout_s="
-                           f"{self.cfg.startup_timeout_s} s; see {self.log_path}:\n{self.log_tail()}")
+        where = (f"see {self.log_path}:\n{self.log_tail()}" if self.proc is not None else
+                 "it was started by the job script: see its sglang-*.log in launch.log_dir")
+        raise TimeoutError(f"SGLang server {self.index} ({self.url}) not healthy within "
+                           f"rollout.sglang.startup_timeout_s={self.cfg.startup_timeout_s} s; {where}")
 
     def alive(self) -> bool:
         return self.proc is None or self.proc.poll() is None  # an external server is assumed alive
@@ -117,3 +131,13 @@ def _signal_group(pgid: int, sig: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def job_script_servers(cfg: SGLangConfig, run_dir: Path, release_memory: bool, indices: Iterable[int]) -> list[SGLangServer]:
+    """Handles on servers another process started (``rollout.sglang.urls``): never started or stopped here."""
+    servers = []
+    for i in indices:
+        server = SGLangServer(cfg, i, run_dir / "sglang" / f"server-{i}.log", release_memory)
+        server.url = server.http.url = cfg.urls[i].rstrip("/")
+        servers.append(server)
+    return servers

@@ -30,6 +30,10 @@ def _line(text: str, start: str) -> str:
     return next(line for line in text.splitlines() if line.startswith(start))
 
 
+def _dedent(text: str) -> str:
+    return "\n".join(line.strip() for line in text.splitlines())
+
+
 def test_32b_on_16_nodes_colocated():
     text = _script()
     directives = [line for line in text.splitlines() if line.startswith("#SBATCH")]
@@ -40,17 +44,25 @@ def test_32b_on_16_nodes_colocated():
     assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120" in text.splitlines()
     # Two TP=4 SGLang servers on each of the 16 nodes, on GPUs 0-3 and 4-7, bound to the node's name.
     assert 'serve_nodes=("${nodes[@]:0}")' in text and "$(seq 0 1)" in text
-    server = _line(text.replace("    srun", "srun"), "srun --ntasks-per-node=1 --gpus-per-node=8 --overlap --nodes=1")
+    server = _line(_dedent(text), "srun --ntasks-per-node=1 --gpus-per-node=8 --overlap --nodes=1")
     assert "--tp-size 4" in server and "--base-gpu-id $((j * 4))" in server and "--host $node" in server
     assert "--model-path /models/Qwen2.5-32B" in server
+    # SGLang's own venv, not the trainer's (.venv/bin/python, which has no SGLang).
+    assert '-w "$node" .venv-sglang/bin/python -m sglang.launch_server' in server
     assert "--enable-memory-saver" in server  # colocated: released while the trainer runs
+    # A server that exits is started again, for as long as the job runs.
+    lines = _dedent(text).splitlines()
+    start = lines.index("while true; do")
+    assert lines[start + 1] == server and lines[start + 4:start + 6] == ["sleep 10", "done &"]
+    assert "starting it again" in lines[start + 3]
     trainer = _line(text, "srun ")
     assert trainer.startswith('srun --ntasks-per-node=1 --gpus-per-node=8 --overlap --job-name=trainer --nodes=16 '
                               '-w "$train_nodes" bash -c ".venv/bin/python -m torch.distributed.run ')
     assert ("--nnodes 16 --nproc-per-node 8 --node-rank \\$SLURM_NODEID --master-addr $head --master-port 29500 "
             "-m megatron_fipo.cli train /runs/x/launch/config.yaml") in trainer
-    assert ('\\"rollout.sglang.urls=$urls_yaml\\" rollout.sglang.weight_transport=distributed '
-            "rollout.sglang.host=$head") in trainer
+    # Colocated: each node's first rank loads its own node's servers by CUDA-IPC handles (the
+    # recipe's tensor transport); no broadcast group, so no weight_transport or host override.
+    assert trainer.endswith('train /runs/x/launch/config.yaml \\"rollout.sglang.urls=$urls_yaml\\"" &')
     assert "head=${nodes[0]}" in text and 'nodes=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))' in text
     assert "trap stop_trainer TERM" in text and "scancel --signal=TERM" in text
     assert "scontrol requeue" not in text and text.endswith("exit $status\n")
@@ -64,12 +76,15 @@ def test_7b_on_4_nodes_runs_8_servers_per_node():
 
 def test_disaggregated_serves_on_the_last_nodes_and_trains_on_the_rest():
     text = _script("launch.nodes=20", "launch.sglang_nodes=4", "rollout.placement=disaggregated",
-                   "rollout.sglang.num_servers=8")
+                   "rollout.sglang.num_servers=8", "actor.offload=false")
     assert "#SBATCH --nodes=20" in text
     assert 'serve_nodes=("${nodes[@]:16}")' in text and "$(seq 0 1)" in text
     assert 'train_nodes=$(IFS=,; echo "${nodes[*]:0:16}")' in text
     trainer = _line(text, "srun ")
     assert "--overlap" not in trainer and "--nodes=16" in trainer and "--nnodes 16" in trainer
+    # Disaggregated: trainer rank 0 broadcasts, as master of the group on the head node.
+    assert ('\\"rollout.sglang.urls=$urls_yaml\\" rollout.sglang.weight_transport=distributed '
+            "rollout.sglang.host=$head") in trainer
     assert "--enable-memory-saver" not in text
 
 
@@ -97,7 +112,7 @@ def test_env_as_a_list_of_assignments():
 def test_container_flags_reach_the_servers_and_the_trainer_on_16_nodes():
     text = _script("launch.container_image=nvcr.io/nvidia/pytorch:25.09-py3", "launch.container_mounts=[/data:/data]")
     flags = "--container-image=nvcr.io/nvidia/pytorch:25.09-py3 --container-workdir=/repo --container-mounts=/data:/data"
-    server = _line(text.replace("    srun", "srun"), "srun --ntasks-per-node=1 --gpus-per-node=8 --container-image")
+    server = _line(_dedent(text), "srun --ntasks-per-node=1 --gpus-per-node=8 --container-image")
     assert flags in server and "sglang.launch_server" in server and "--overlap --nodes=1" in server
     trainer = _line(text, "srun ")
     assert flags in trainer and "--nnodes 16 --nproc-per-node 8" in trainer
@@ -136,6 +151,14 @@ def test_bad_launch_config_names_the_key(override, key):
     (["launch.sglang_nodes=2"], "launch.sglang_nodes"),  # colocated placement
     (["rollout.placement=disaggregated"], "launch.sglang_nodes"),
     (["actor.load_hf="], "actor.load_hf"),
+    # The servers need SGLang's own interpreter.
+    (["rollout.sglang.python="], "rollout.sglang.python"),
+    # Colocated broadcast: trainer rank 0 and server 0's first TP rank on GPU 0 in one NCCL group.
+    (["rollout.sglang.weight_transport=distributed"], "rollout.sglang.weight_transport=distributed"),
+    # Per-node handoff needs whole replicas on each node: TP 8 x PP 2 spans two nodes.
+    (["parallel.pipeline_model_parallel_size=2", "launch.nodes=32", "rollout.sglang.num_servers=64"],
+     "parallel.pipeline_model_parallel_size=2"),
+    (["parallel.context_parallel_size=2"], "tensor x context = 16: the per-node weight handoff"),
     # One node of 6 GPUs: 6 ranks for TP=8.
     (["launch.nodes=1", "launch.nproc_per_node=6", "launch.gpus_per_node=6", "rollout.sglang.tp_size=2",
       "rollout.sglang.num_servers=3"], "parallel: tensor"),

@@ -1,0 +1,280 @@
+"""SGLang's memory tags and the engine's call sequences, checked against a double of SGLang 0.5.23's
+HTTP server that refuses exactly where SGLang does (megatron_fipo/testing_sglang.py, a test double at
+the process boundary: memory release needs CUDA, so the real CPU server cannot run these calls)."""
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_fipo.config import RolloutConfig, SGLangConfig
+from megatron_fipo.model_arch import ModelArch
+from megatron_fipo.rollout.base import SamplingParams
+from megatron_fipo.rollout.sglang_engine import SGLangEngine
+from megatron_fipo.rollout.sglang_http import SGLangError, SGLangHTTP, ServerUnavailable
+from megatron_fipo.rollout.sglang_memory import ServerMemory
+from megatron_fipo.rollout.sglang_weights import serialize_named_tensors
+from megatron_fipo.testing_sglang import SGLangDouble, weights_fingerprint
+from tests.helpers.launch import free_port
+
+ARCH = ModelArch.from_hf_config("examples/tiny_qwen2/config.json")
+VOCAB = 1000
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=5)
+PROMPTS = [[5, 17, 33], [9, 9], [42]]
+
+
+def _weights(value: float) -> dict[str, torch.Tensor]:
+    return {"model.embed_tokens.weight": torch.full((4, 3), value), "lm_head.weight": torch.full((3,), 2 * value)}
+
+
+def _buckets(value: float):
+    return [list(_weights(value).items())]
+
+
+def _expected(value: float, prompt: list[int], n: int = 5) -> list[int]:
+    """The double's greedy tokens for these weights (its stand-in for a model)."""
+    seed = weights_fingerprint(_weights(value), VOCAB)
+    return [(seed + sum(prompt) + 31 * i) % VOCAB for i in range(n)]
+
+
+@pytest.fixture
+def doubles():
+    made = []
+
+    def make(n=2, **kwargs):
+        made.extend(SGLangDouble(_weights(0.5), vocab_size=VOCAB, **kwargs) for _ in range(n))
+        return made[-n:]
+
+    yield make
+    for d in made:
+        d.close()
+
+
+def _engine(servers, tmp_path: Path, placement="colocated", transport="tensor", **sglang) -> SGLangEngine:
+    cfg = RolloutConfig(engine="sglang", placement=placement, sglang=SGLangConfig(
+        urls=[d.url for d in servers], weight_transport=transport, distributed_backend="gloo",
+        weights_update_port=free_port(), startup_timeout_s=30, sequences_per_request=2, **sglang))
+    return SGLangEngine(cfg, ARCH, tmp_path)
+
+
+# ---- the state machine on its own --------------------------------------------------------------
+REL, RES = "release_memory_occupation", "resume_memory_occupation"
+ALL = ["weights", "kv_cache", "cuda_graph"]
+
+
+def test_each_phase_names_only_the_tags_it_changes():
+    calls = []
+    memory = ServerMemory(lambda path, payload: calls.append((path.strip("/"), payload["tags"])), releasable=True)
+    steps = [  # (phase, calls it makes) in the loop's order, from a fresh server
+        ("update", [(REL, ["kv_cache", "cuda_graph"])]),
+        ("generate", [(RES, ["kv_cache", "cuda_graph"])]),
+        ("generate", []),
+        ("train", [(REL, ALL)]),
+        ("train", []),
+        ("update", [(RES, ["weights"])]),  # resident only to be overwritten
+        ("generate", [(RES, ["kv_cache", "cuda_graph"])]),
+        ("train", [(REL, ALL)]),
+    ]
+    for phase, expected in steps:
+        calls.clear()
+        memory.enter(phase)
+        assert calls == expected, phase
+    memory.restarted()  # a new process holds every tag: nothing to resume
+    calls.clear()
+    memory.enter("generate")
+    assert calls == [] and memory.released == set()
+
+
+def test_servers_that_keep_their_memory_are_never_asked():
+    calls = []
+    memory = ServerMemory(lambda path, payload: calls.append(path), releasable=False)
+    for phase in ("update", "generate", "train", "update", "generate"):
+        memory.enter(phase)
+    assert calls == []
+
+
+# ---- the double refuses where SGLang 0.5.23 does -----------------------------------------------
+def test_resuming_a_tag_that_is_not_released_kills_the_server(doubles):
+    (d,) = doubles(1)
+    http = SGLangHTTP(d.url)
+    with pytest.raises(ServerUnavailable):
+        http.post("/resume_memory_occupation", {"tags": ["weights"]})
+    assert d.crash.startswith("KeyError: 'weights'")
+    assert not http.healthy()
+
+
+def test_the_pre_fix_step_sequence_fails_with_keyerror_weights(doubles):
+    """What SGLangEngine did before: release all, resume weights for the update, then resume all."""
+    (d,) = doubles(1)
+    http = SGLangHTTP(d.url)
+    http.post("/release_memory_occupation", {})
+    http.post("/resume_memory_occupation", {"tags": ["weights"]})
+    http.post("/begin_weight_update")
+    http.post("/update_weights_from_tensor", {"serialized_named_tensors": [serialize_named_tensors(_buckets(1.0)[0])]})
+    http.post("/end_weight_update")
+    with pytest.raises(ServerUnavailable):
+        http.post("/resume_memory_occupation", {})
+    assert d.crash.startswith("KeyError: 'weights'")
+
+
+def test_release_while_a_request_runs_kills_the_server_unless_retracted(doubles):
+    busy, retracted = doubles(2, generate_delay_s=1.0)
+    for d in (busy, retracted):
+        threading.Thread(target=SGLangHTTP(d.url).post, args=("/generate", {"input_ids": [1, 2]}), daemon=True).start()
+    time.sleep(0.3)
+    with pytest.raises(ServerUnavailable):
+        SGLangHTTP(busy.url).post("/release_memory_occupation", {"tags": ["kv_cache"]})
+    assert busy.crash.startswith("AssertionError: release_memory_occupation should be called only when server is idle")
+    http = SGLangHTTP(retracted.url)
+    http.post("/pause_generation", {"mode": "retract"})  # running requests go back to the waiting queue
+    http.post("/release_memory_occupation", {"tags": ["kv_cache"]})
+    assert retracted.crash is None and retracted.offload_tags == {"kv_cache"}
+
+
+def test_update_sessions_and_flush_are_refused_with_sglangs_messages(doubles):
+    (d,) = doubles(1, generate_delay_s=1.0)
+    http = SGLangHTTP(d.url)
+    payload = {"serialized_named_tensors": [serialize_named_tensors(_buckets(1.0)[0])]}
+    with pytest.raises(SGLangError, match="HTTP 400.*must run between begin_weight_update"):
+        http.post("/update_weights_from_tensor", payload)
+    with pytest.raises(SGLangError, match="no weight-update session is open"):
+        http.post("/end_weight_update")
+    http.post("/begin_weight_update")
+    with pytest.raises(SGLangError, match="already open"):
+        http.post("/begin_weight_update")
+    http.post("/update_weights_from_tensor", payload)
+    http.post("/end_weight_update")
+    assert torch.equal(d.weights["lm_head.weight"], torch.full((3,), 2.0))
+    worker = threading.Thread(target=http.post, args=("/generate", {"input_ids": [1]}))
+    worker.start()
+    time.sleep(0.3)
+    with pytest.raises(SGLangError, match="Cache not flushed because there are pending requests"):
+        http.post("/flush_cache")
+    worker.join()
+    http.post("/flush_cache")
+    assert d.crash is None
+
+
+@pytest.mark.parametrize("released, call, payload", [
+    (["weights"], "/update_weights_from_tensor", None),
+    (["kv_cache"], "/generate", {"input_ids": [1, 2]}),
+    (["cuda_graph"], "/generate", {"input_ids": [1, 2]}),
+])
+def test_touching_released_memory_is_a_gpu_fault(doubles, released, call, payload):
+    (d,) = doubles(1)
+    http = SGLangHTTP(d.url)
+    http.post("/release_memory_occupation", {"tags": released})
+    if payload is None:
+        http.post("/begin_weight_update")
+        payload = {"serialized_named_tensors": [serialize_named_tensors(_buckets(1.0)[0])]}
+    with pytest.raises(ServerUnavailable):
+        http.post(call, payload)
+    assert d.crash.startswith("GPU fault")
+
+
+def test_pause_abort_ends_requests_in_flight_and_holds_new_ones(doubles):
+    (d,) = doubles(1, generate_delay_s=2.0)
+    http = SGLangHTTP(d.url)
+    out = {}
+    first = threading.Thread(target=lambda: out.setdefault("first", http.post("/generate", {"input_ids": [1]})))
+    first.start()
+    time.sleep(0.3)
+    http.post("/pause_generation", {})  # mode abort
+    first.join(timeout=5)
+    assert out["first"]["meta_info"]["finish_reason"]["type"] == "abort"
+    d.generate_delay_s = 0.0
+    second = threading.Thread(target=lambda: out.setdefault("second", http.post("/generate", {"input_ids": [1]})))
+    second.start()
+    time.sleep(0.5)
+    assert "second" not in out  # held while paused
+    http.post("/continue_generation")
+    second.join(timeout=5)
+    assert out["second"]["meta_info"]["finish_reason"]["type"] == "length"
+
+
+# ---- the engine's sequences --------------------------------------------------------------------
+def _greedy(engine):
+    return engine.generate(PROMPTS, n=2, sampling=GREEDY, seed=0)
+
+
+def _assert_follows(groups, value: float, version: int):
+    for prompt, group in zip(PROMPTS, groups):
+        assert [s.response_ids for s in group] == [_expected(value, prompt)] * 2
+        assert {s.weight_version for s in group} == {version}
+
+
+def _rl_steps(engine, steps=2):
+    """The loop's order (loop.py): sync, eval, then per step resume, rollout, pause, train, sync."""
+    engine.update_weights(_buckets(1.0), version=0)
+    _assert_follows(_greedy(engine), 1.0, 0)  # eval before training
+    for step in range(steps):
+        engine.resume()
+        _assert_follows(_greedy(engine), 1.0 + step, step)
+        engine.pause()
+        engine.update_weights(_buckets(2.0 + step), version=step + 1)
+    _assert_follows(_greedy(engine), 1.0 + steps, steps)
+
+
+@pytest.mark.parametrize("placement, transport", [
+    ("colocated", "tensor"), ("colocated", "disk"), ("disaggregated", "tensor"), ("disaggregated", "distributed"),
+])
+def test_rl_steps_make_only_legal_calls(doubles, tmp_path, placement, transport):
+    servers = doubles(2)
+    engine = _engine(servers, tmp_path, placement, transport)
+    _rl_steps(engine)
+    for d in servers:
+        assert d.crash is None
+        if placement == "colocated":
+            assert d.memory_calls == [
+                (REL, ["kv_cache", "cuda_graph"]),  # first update: weights stay, the rest goes
+                (RES, ["kv_cache", "cuda_graph"]),  # eval
+                (REL, ALL), (RES, ["weights"]), (RES, ["kv_cache", "cuda_graph"]),  # step 0: train, update, rollout
+                (REL, ALL), (RES, ["weights"]), (RES, ["kv_cache", "cuda_graph"]),  # step 1
+            ]
+        else:
+            assert d.memory_calls == []  # disaggregated servers keep their memory
+        assert d.calls.count("/begin_weight_update") == d.calls.count("/end_weight_update") == (
+            3 if transport != "disk" else 0)
+        assert d.session is None and d.weight_version == "2"
+
+
+def test_a_server_restarted_unseen_between_phases_is_tracked_again(doubles, tmp_path, caplog):
+    """The job script brought it back while the trainer trained: it holds every tag again, and a
+    resume of its weights would kill it."""
+    servers = doubles(2)
+    engine = _engine(servers, tmp_path, "colocated", "tensor")
+    engine.update_weights(_buckets(1.0), version=0)
+    engine.resume()
+    _greedy(engine)
+    engine.pause()
+    servers[1].restart()  # fresh process, same port, initial weights, every tag resident
+    with caplog.at_level(logging.WARNING, logger="megatron_fipo"):
+        engine.update_weights(_buckets(2.0), version=1)
+    assert any("restarted since version 0" in r.getMessage() for r in caplog.records)
+    _assert_follows(_greedy(engine), 2.0, 1)
+    assert all(d.crash is None for d in servers)
+
+
+def test_a_dead_job_script_server_is_waited_for_and_the_update_group_reformed(doubles, tmp_path, caplog):
+    servers = doubles(2)
+    engine = _engine(servers, tmp_path, "disaggregated", "distributed")
+    engine.update_weights(_buckets(1.0), version=0)
+    first = engine.transport.group_name
+    _greedy(engine)
+    servers[0].kill()
+    threading.Timer(1.5, servers[0].restart).start()  # the job script's loop starts it again
+    with caplog.at_level(logging.WARNING, logger="megatron_fipo"):
+        engine.update_weights(_buckets(2.0), version=1)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("started by the job script) is unreachable" in m and "startup_timeout_s=30" in m for m in messages)
+    assert any(f"re-forming the weight-update group {first}" in m for m in messages)
+    _assert_follows(_greedy(engine), 2.0, 1)
+    # The survivor left the old group before both joined the new one, on the next port.
+    assert servers[1].calls.count("/init_weights_update_group") == 2
+    assert servers[1].calls.count("/destroy_weights_update_group") == 1
+    port = engine.cfg.weights_update_port
+    assert first == f"megatron_fipo-{port}"
+    assert set(servers[1].groups) == set(servers[0].groups) == {f"megatron_fipo-{port + 1}"}
