@@ -76,9 +76,10 @@ def cmd_eval(args) -> int:
     from megatron_fipo.loop import evaluate
 
     summary = evaluate(cfg, data)
-    print(json.dumps(summary, indent=2))
-    print(f"eval accuracy {100 * summary['eval_accuracy']:.1f}% (avg@{summary['samples_per_problem']} over "
-          f"{summary['eval_problems']} problems); written to {cfg.run_dir}/eval.json")
+    if summary:
+        print(json.dumps(summary, indent=2))
+        print(f"eval accuracy {100 * summary['eval_accuracy']:.1f}% (avg@{summary['samples_per_problem']} over "
+              f"{summary['eval_problems']} problems); written to {cfg.run_dir}/eval.json")
     return 0
 
 

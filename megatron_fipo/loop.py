@@ -473,7 +473,7 @@ def evaluate(cfg: RunConfig, data: DataBundle) -> dict:
 
     Writes ``run_dir/eval.json``; the run directory is the evaluation's own, not the trained run's.
     A training run's checkpoint is scored with the sampling seed that run used at that step, so the
-    embedded engine reproduces the run's own eval exactly.
+    embedded engine reproduces the run's own eval exactly. The summary on rank 0; {} on the other ranks.
     """
     with _trainer(cfg, data) as trainer:
         if cfg.actor.load_megatron:
@@ -492,4 +492,5 @@ def evaluate(cfg: RunConfig, data: DataBundle) -> dict:
     if trainer.is_rank0:
         (trainer.run_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
         trainer.metrics.close()
-    return summary
+        return summary
+    return {}  # one summary per run: rank 0 prints it

@@ -100,3 +100,14 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_point(readme_run, tmp_path)
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert _metrics(tmp_path) == _metrics(ref_dir)
+
+
+def test_eval_under_torchrun_exits_zero_with_one_summary(readme_run, tmp_path):
+    """`eval` of the TP=2 run at TP=2 (its config.yaml): one summary, and it is the run's own final eval."""
+    run_dir, _ = readme_run
+    cmd = [str(TORCHRUN), "--nproc-per-node", "2", "-m", "megatron_fipo.cli", "eval", str(run_dir), f"run_dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=torchrun_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count('"eval_accuracy"') == 1 and proc.stdout.count("eval accuracy ") == 1, proc.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert json.loads((tmp_path / "eval.json").read_text())["eval_accuracy"] == summary["eval_accuracy_end"]
