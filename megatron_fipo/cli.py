@@ -157,9 +157,11 @@ def cmd_plan(args) -> int:
     from megatron_fipo.plan.memory import build_ledger, check_fits, layout_from_config
     from megatron_fipo.validation import validate_run
 
-    if not args.memory:
-        raise ConfigError("plan: give --memory (the memory ledger); it is the one plan so far")
     cfg = _load(args.config, args.overrides)
+    if not args.memory:  # the layout planner: step time by phase, ranked layouts (plan/layouts.py)
+        from megatron_fipo.plan.layouts import plan_command
+
+        return plan_command(cfg, args.config, args)
     world = cfg.launch.training_world_size
     arch = validate_run(cfg, world_size=world)
     ledger = build_ledger(layout_from_config(cfg, arch, world, gpu(args.gpu, "--gpu") if args.gpu else None))
@@ -225,11 +227,26 @@ def main(argv: list[str] | None = None) -> int:
     config.add_argument("--reference", action="store_true",
                         help="print the reference of every key (type, default, meaning) as Markdown")
     config.set_defaults(func=cmd_config)
-    plan = sub.add_parser("plan", help="--memory: per-GPU bytes of each phase for a config's layout, and whether it fits")
+    plan = sub.add_parser("plan", help="layouts ranked by estimated step time (model estimates); --memory: per-GPU bytes "
+                          "of each phase for a config's layout, and whether it fits")
     plan.add_argument("config", help="YAML config; launch.* gives the world size and GPU type")
     plan.add_argument("overrides", nargs="*", help="key=value overrides, e.g. actor.offload=true")
     plan.add_argument("--memory", action="store_true", help="print the memory ledger")
-    plan.add_argument("--gpu", default="", help="GPU type instead of launch.gpu_type: h100-80gb, h200-141gb, b200, gb200")
+    plan.add_argument("--gpu", default="", help="GPU type instead of launch.gpu_type: h100-80gb, h200-141gb, b200, gb200 "
+                      "(or cpu, whose rates come from --calibrate)")
+    plan.add_argument("--nodes", type=int, default=0, help="nodes to plan for (default launch.nodes)")
+    plan.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (default launch.gpus_per_node)")
+    plan.add_argument("--top", type=int, default=10, help="rows of the ranked table")
+    plan.add_argument("--explain", action="store_true", help="every term of the step time with its inputs")
+    plan.add_argument("--calibrate", nargs="+", metavar="RUN_DIR", default=[],
+                      help="fit the efficiency factors to these runs' metrics.jsonl, save and use them")
+    plan.add_argument("--calibration-out", default="", help="where --calibrate saves (default RUN_DIR/plan_calibration.json)")
+    plan.add_argument("--efficiency", default="", help="a saved calibration (plan_calibration.json) to plan with")
+    plan.add_argument("--from-run", default="", metavar="RUN_DIR",
+                      help="take response lengths, prompt length and generation batches from this run's metrics")
+    plan.add_argument("--prompt-len", type=float, default=None, help="assumed mean prompt tokens")
+    plan.add_argument("--response-mean", type=float, default=None, help="assumed mean response tokens")
+    plan.add_argument("--keep-fraction", type=float, default=None, help="assumed fraction of groups dynamic sampling keeps")
     plan.set_defaults(func=cmd_plan)
     args = parser.parse_args(argv)
     try:

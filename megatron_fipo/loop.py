@@ -30,6 +30,8 @@ from megatron_fipo.config_base import save_config
 from megatron_fipo.data.setup import DataBundle
 from megatron_fipo.metrics import MetricsLogger, merge_metrics
 from megatron_fipo.model_arch import ModelArch
+from megatron_fipo.plan.hardware import gpu
+from megatron_fipo.plan.step_time import ModelShape, train_flops
 from megatron_fipo.plotting import plot_run
 from megatron_fipo.progress import progress_bar
 from megatron_fipo.reward.scoring import Scorer
@@ -73,6 +75,9 @@ class _KeptGroups:
     statuses: dict[str, int] = field(default_factory=dict)
     batches: int = 0
     dropped: int = 0
+    samples_generated: int = 0  # every sampled response, kept or dropped by dynamic sampling
+    tokens_generated: int = 0
+    reward_seconds: float = 0.0  # of the rollout's time, spent scoring
 
     def step_batch(self, size: int) -> Optional[StepBatch]:
         """The first ``size`` kept groups with the rollout's statistics; None when none was kept."""
@@ -85,6 +90,9 @@ class _KeptGroups:
             "rollout/gen_batches": self.batches,
             "rollout/groups_kept": len(kept),
             "rollout/groups_dropped": self.dropped,
+            "rollout/samples_generated": self.samples_generated,
+            "rollout/tokens_generated": self.tokens_generated,
+            "time/reward_s": self.reward_seconds,
             "rollout/accuracy": torch.stack(correct).float().mean().item(),
             "reward/mean": torch.stack(rewards).mean().item(),
             "response_length/mean": lengths.mean().item(),
@@ -129,6 +137,7 @@ class Trainer:
             load_hf_weights(self.actor, HFCheckpointReader(cfg.actor.load_hf))
         elif cfg.actor.load_megatron:
             load_megatron_weights(self.actor, cfg.actor.load_megatron)
+        self.flops_shape = ModelShape.from_arch(arch)  # model FLOPs of an update, for perf/mfu
         self.engine = build_engine(cfg, arch) if self.is_rank0 else None
         self.handoff = build_handoff(cfg, self.engine)  # each node loads its own servers, or None
         self.scorer = Scorer(cfg.reward, self.data.tokenizer, cfg.rollout.max_response_length)
@@ -360,7 +369,11 @@ class Trainer:
                                           self._sampling(eval_mode=False), seed=seed)
         except GenerationAborted:
             return  # this rank's stop flag is set: the agreement that follows stops the step
+        scored = time.time()
         scores = self.scorer.score(groups, problems)
+        pool.reward_seconds += time.time() - scored
+        pool.samples_generated += sum(len(g) for g in groups)
+        pool.tokens_generated += sum(len(s.response_ids) for g in groups for s in g)
         for k, v in scores.status_counts.items():
             pool.statuses[k] = pool.statuses.get(k, 0) + v
         keep = dynamic_sampling_mask(scores.rewards) if tr.dynamic_sampling else torch.ones(len(groups), dtype=torch.bool)
@@ -427,6 +440,8 @@ class Trainer:
         if dp > 1:
             dist.all_reduce(tokens, group=self.actor.ps.get_data_parallel_group())
         n_tok = max(tokens[0].item(), 1.0)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        flops = tr.ppo_epochs * train_flops(self.flops_shape, [len(s.prompt_ids) + len(s.response_ids) for s in samples])
         step_metrics.update(batch.stats)
         step_metrics.update(self.offload_times)
         step_metrics.update({
@@ -444,9 +459,14 @@ class Trainer:
             "time/old_logprob_s": t_old_logprob,
             "train/samples": len(samples),
             "train/tokens": sum(len(s.prompt_ids) + len(s.response_ids) for s in samples),
+            "train/world_size": world,
+            "perf/model_tflops_per_rank": flops / max(t_train - t_old_logprob, 1e-9) / world / 1e12,
             "throughput/train_tokens_per_s": n_tok / max(t_train, 1e-9),
             "throughput/rollout_tokens_per_s": batch.stats["response_length/mean"] * len(samples) / max(t_rollout, 1e-9),
         })
+        if torch.cuda.is_available():  # MFU against the data sheet's dense peak of launch.gpu_type
+            peak = gpu(self.cfg.launch.gpu_type).fp8_dense_flops if self.cfg.actor.fp8 else gpu(self.cfg.launch.gpu_type).bf16_dense_flops
+            step_metrics["perf/mfu"] = step_metrics["perf/model_tflops_per_rank"] * 1e12 / peak
         merged = merge_metrics([(r.num_tokens, r.metrics) for r in results if r.metrics])
         step_metrics.update({f"actor/{key}": value for key, value in merged.items()})
         return step_metrics
