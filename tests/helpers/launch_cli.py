@@ -25,3 +25,8 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> su
 
 def metric_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timings(row: dict) -> dict:
+    """A metrics.jsonl row without what is measured in seconds (it differs between any two runs)."""
+    return {k: v for k, v in row.items() if not k.startswith(("time/", "throughput/", "perf/"))}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers.launch import free_port
-from helpers.launch_cli import REPO, SHORT, metric_steps
+from helpers.launch_cli import REPO, SHORT, metric_steps, without_timings
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 # Rollouts that take most of a step (200 prompts generated, 8 kept); no checkpoint but step 0's.
@@ -41,9 +41,7 @@ def _command(run_dir: Path) -> list[str]:
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    """metrics.jsonl without its timings (they differ between any two runs)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows]
+    return [without_timings(json.loads(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _worker_pid(torchrun_pid: int, rank: int) -> int:
