@@ -21,15 +21,28 @@ TINY_QWEN2 = {
     "tie_word_embeddings": False,
     "hidden_act": "silu",
 }
+# Qwen3 dense: QK-norm, no QKV bias, and 4 heads x 32 = 128 query width on a 64-wide hidden state.
+TINY_QWEN3 = {**TINY_QWEN2, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "head_dim": 32,
+              "attention_bias": False}
+# Llama 3.x with Llama 3 RoPE scaling; original_max_position_embeddings is small so that all three
+# frequency bands (kept, blended, divided by factor) occur at head_dim 16 within a few hundred positions.
+TINY_LLAMA3 = {**{k: v for k, v in TINY_QWEN2.items() if k != "rope_theta"}, "model_type": "llama",
+               "architectures": ["LlamaForCausalLM"], "attention_bias": False, "mlp_bias": False,
+               "rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 64}}
+TINY = {"qwen2": TINY_QWEN2, "qwen3": TINY_QWEN3, "llama": TINY_LLAMA3}
 
 
-def make_hf_checkpoint(directory: str | Path, seed: int = 0, **overrides) -> Path:
-    """Save a randomly initialized transformers Qwen2ForCausalLM (fp32 safetensors) to ``directory``."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def make_hf_checkpoint(directory: str | Path, seed: int = 0, family: str = "qwen2", **overrides) -> Path:
+    """Save a randomly initialized transformers model of ``family`` (a key of TINY: its tiny config,
+    updated by ``overrides``) as fp32 safetensors to ``directory``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = Qwen2Config(**{**TINY_QWEN2, **overrides})
+    base = {k: v for k, v in TINY[family].items() if k != "model_type"}
+    cfg = AutoConfig.for_model(TINY[family]["model_type"], **{**base, **overrides})
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(cfg).float()
+    model = AutoModelForCausalLM.from_config(cfg).float()
     with torch.no_grad():  # HF zero-inits biases; make them count
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
@@ -38,10 +51,10 @@ def make_hf_checkpoint(directory: str | Path, seed: int = 0, **overrides) -> Pat
     return Path(directory)
 
 
-def make_tied_and_untied(root: str | Path) -> None:
+def make_tied_and_untied(root: str | Path, family: str = "qwen2") -> None:
     """``root/hf_untied`` and ``root/hf_tied``: the two embedding layouts every bridge test covers."""
-    make_hf_checkpoint(Path(root) / "hf_untied", seed=0)
-    make_hf_checkpoint(Path(root) / "hf_tied", seed=1, tie_word_embeddings=True)
+    make_hf_checkpoint(Path(root) / "hf_untied", seed=0, family=family)
+    make_hf_checkpoint(Path(root) / "hf_tied", seed=1, family=family, tie_word_embeddings=True)
 
 
 def load_hf_tensors(directory: str | Path) -> dict[str, torch.Tensor]:

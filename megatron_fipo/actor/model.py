@@ -1,4 +1,4 @@
-"""Build the Qwen2-family GPTModel chunks, Megatron DDP, distributed optimizer and LR schedule."""
+"""Build the GPTModel chunks (Qwen2, Qwen3 dense, Llama 3.x), Megatron DDP, distributed optimizer and LR schedule."""
 
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ def transformer_config(arch: ModelArch, actor: ActorConfig, par: ParallelConfig)
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=par.tensor_model_parallel_size,
@@ -85,10 +86,10 @@ def decoder_spec(config, par: ParallelConfig, vp_stage):
     )
 
     if transformer_engine_available():
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
     from megatron_fipo.actor.cpu_layers import ContextParallelCPUAttention, SequenceParallelNorm
 
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=False)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
     if par.context_parallel_size > 1:
         spec.submodules.self_attention.submodules.core_attention = ContextParallelCPUAttention
     if not par.sequence_parallel:
@@ -127,6 +128,10 @@ def build_model_chunks(arch: ModelArch, actor: ActorConfig, par: ParallelConfig,
             rotary_base=int(arch.rope_theta),
             vp_stage=vp_stage,
         )
+        if arch.rope_scaling and model.rotary_pos_emb is not None:
+            # Megatron's rope_scaling=True hard-codes Llama 3.1's band limits; set transformers' values.
+            inv_freq = model.rotary_pos_emb.inv_freq
+            model.rotary_pos_emb.inv_freq = arch.rope_inv_freq().to(inv_freq.device, inv_freq.dtype)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)

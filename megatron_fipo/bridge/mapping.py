@@ -1,4 +1,4 @@
-"""Parameter mapping between Megatron-Core GPTModel and Hugging Face Qwen2 / Llama checkpoints.
+"""Parameter mapping between Megatron-Core GPTModel and Hugging Face Qwen2 / Qwen3 / Llama checkpoints.
 
 Pure tensor logic, no process groups: how one Megatron parameter corresponds to one or more HF
 tensors, how this TP rank's slices of the HF tensors form its shard, how the shards of all TP
@@ -6,7 +6,9 @@ ranks are joined back, and whether an HF checkpoint fits the model at all.
 
 Megatron fuses q/k/v into ``linear_qkv`` interleaved by query group: for each KV group, its
 ``heads / groups`` query heads, then its key head, then its value head. ``linear_fc1`` holds
-[gate; up], and under TP every rank holds [gate shard; up shard].
+[gate; up], and under TP every rank holds [gate shard; up shard]. Every width inside the fused
+QKV is a multiple of ``head_dim``, which need not be hidden / heads (Qwen3). Qwen3's per-head q/k
+RMSNorm weights are ``q_layernorm`` / ``k_layernorm``, replicated across TP.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ _LAYER = {
     "self_attention.linear_qkv.layer_norm_weight": (("input_layernorm.weight",), "replicated"),
     "self_attention.linear_qkv.weight": (("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv"),
     "self_attention.linear_qkv.bias": (("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "qkv"),
+    "self_attention.q_layernorm.weight": (("self_attn.q_norm.weight",), "replicated"),
+    "self_attention.k_layernorm.weight": (("self_attn.k_norm.weight",), "replicated"),
     "self_attention.linear_proj.weight": (("self_attn.o_proj.weight",), "row"),
     "pre_mlp_layernorm.weight": (("post_attention_layernorm.weight",), "replicated"),
     "mlp.linear_fc1.layer_norm_weight": (("post_attention_layernorm.weight",), "replicated"),
@@ -76,6 +80,8 @@ def hf_names(arch: ModelArch) -> list[str]:
                   p + "self_attn.v_proj.weight"]
         if arch.qkv_bias:
             names += [p + "self_attn.q_proj.bias", p + "self_attn.k_proj.bias", p + "self_attn.v_proj.bias"]
+        if arch.qk_norm:
+            names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
         names += [p + "self_attn.o_proj.weight", p + "post_attention_layernorm.weight", p + "mlp.gate_proj.weight",
                   p + "mlp.up_proj.weight", p + "mlp.down_proj.weight"]
     names.append("model.norm.weight")
@@ -91,6 +97,7 @@ def hf_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
         "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
         "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
         "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
+        "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,),
         "self_attn.o_proj.weight": (h, q), "mlp.gate_proj.weight": (ffn, h), "mlp.up_proj.weight": (ffn, h),
         "mlp.down_proj.weight": (h, ffn),
     }
@@ -167,8 +174,12 @@ def megatron_params(arch: ModelArch, te_spec: bool) -> list[ParamMapping]:
 
     A tied output layer is left out: it is the embedding (a copy on the last stage under PP).
     """
-    suffixes = [s for s in _LAYER if s not in _SPEC_ONLY[te_spec]
-                and (arch.qkv_bias or s != "self_attention.linear_qkv.bias")]
+    absent = set(_SPEC_ONLY[te_spec])
+    if not arch.qkv_bias:
+        absent.add("self_attention.linear_qkv.bias")
+    if not arch.qk_norm:
+        absent |= {"self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"}
+    suffixes = [s for s in _LAYER if s not in absent]
     names = ["embedding.word_embeddings.weight"]
     names += [f"decoder.layers.{i}.{s}" for i in range(arch.num_layers) for s in suffixes]
     names.append("decoder.final_layernorm.weight")

@@ -1,7 +1,8 @@
-"""A plain-torch Qwen2 / Llama decoder over HF-named tensors, with a preallocated KV cache.
+"""A plain-torch Qwen2 / Qwen3 / Llama decoder over HF-named tensors, with a preallocated KV cache.
 
-The embedded engine's model: the same math as the Megatron actor (RMSNorm, rotate-half RoPE,
-grouped-query attention with q/k/v biases, SwiGLU), written for batched incremental decoding.
+The embedded engine's model: the same math as the Megatron actor (RMSNorm, rotate-half RoPE with
+Llama 3 scaling if configured, grouped-query attention with optional q/k/v biases and per-head q/k
+RMSNorm before RoPE, SwiGLU), written for batched incremental decoding.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ class TorchDecoder:
     def __init__(self, arch: ModelArch, weights: dict[str, torch.Tensor]):
         self.arch = arch
         self.w = weights
-        d = arch.head_dim
-        self.inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+        self.inv_freq = arch.rope_inv_freq(torch.float64)
 
     def lm_head(self) -> torch.Tensor:
         return self.w["model.embed_tokens.weight"] if self.arch.tie_word_embeddings else self.w["lm_head.weight"]
@@ -66,6 +66,9 @@ class TorchDecoder:
             q = q.view(b, t, a.num_attention_heads, a.head_dim).transpose(1, 2)
             k = k.view(b, t, a.num_kv_heads, a.head_dim).transpose(1, 2)
             v = v.view(b, t, a.num_kv_heads, a.head_dim).transpose(1, 2)
+            if a.qk_norm:
+                q = _rms_norm(q, w[p + "self_attn.q_norm.weight"], a.rms_norm_eps)
+                k = _rms_norm(k, w[p + "self_attn.k_norm.weight"], a.rms_norm_eps)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             kv = cache[i]

@@ -1,7 +1,7 @@
 """Worker for the checkpoint-conversion tests: several conversions in one process (startup is the cost).
 
-Usage: [torchrun --nproc-per-node N] convert_worker.py STAGE ROOT
-ROOT holds hf_untied/ and hf_tied/; each stage reads what the earlier ones wrote there:
+Usage: [torchrun --nproc-per-node N] convert_worker.py STAGE ROOT [ROOT ...]
+Each ROOT holds hf_untied/ and hf_tied/; each stage reads what the earlier ones wrote there:
   tp1 (1 process): HF -> Megatron at TP=1                             -> mcore_tp1_{tag}
   tp2 (2 ranks):   HF -> Megatron at TP=2                             -> mcore_tp2_{tag}
                    Megatron (written at TP=1) -> HF at TP=2           -> hf_from_tp1_at_tp2_{tag}
@@ -12,6 +12,12 @@ ROOT holds hf_untied/ and hf_tied/; each stage reads what the earlier ones wrote
                    Megatron (written at TP=2) -> HF at PP=2           -> hf_from_tp2_at_pp2_{tag}
                    Megatron (written at PP=2) -> HF at PP=2           -> hf_from_pp2_at_pp2_{tag}
                    the run checkpoint (written at TP=2) -> HF at PP=2 -> hf_from_run_at_pp2_{tag}
+The conversions alone, for the other model families (one launch each for all their ROOTs):
+  tp2-convert (2 ranks): HF -> Megatron at TP=2                       -> mcore_tp2_{tag}
+                         Megatron (written at TP=2) -> HF at TP=2     -> hf_from_tp2_at_tp2_{tag}
+  pp2-convert (2 ranks): HF -> Megatron at PP=2                       -> mcore_pp2_{tag}
+                         Megatron (written at TP=2) -> HF at PP=2     -> hf_from_tp2_at_pp2_{tag}
+                         Megatron (written at PP=2) -> HF at PP=2     -> hf_from_pp2_at_pp2_{tag}
 Conversions go through the CLI entry point, as `megatron-fipo convert` runs them.
 """
 
@@ -68,11 +74,18 @@ def logprobs(root: str, tag: str) -> None:
 
 
 def main() -> None:
-    stage, root = sys.argv[1:]
-    for tag in TAGS:
+    stage, *roots = sys.argv[1:]
+    for root, tag in ((root, tag) for root in roots for tag in TAGS):
         hf = f"{root}/hf_{tag}"
         if stage == "tp1":
             convert("--to", "megatron", hf, f"{root}/mcore_tp1_{tag}")
+        elif stage == "tp2-convert":
+            convert("--to", "megatron", hf, f"{root}/mcore_tp2_{tag}", "--tp", "2")
+            convert("--to", "hf", f"{root}/mcore_tp2_{tag}", f"{root}/hf_from_tp2_at_tp2_{tag}", "--tp", "2")
+        elif stage == "pp2-convert":
+            convert("--to", "megatron", hf, f"{root}/mcore_pp2_{tag}", "--pp", "2")
+            convert("--to", "hf", f"{root}/mcore_tp2_{tag}", f"{root}/hf_from_tp2_at_pp2_{tag}", "--pp", "2")
+            convert("--to", "hf", f"{root}/mcore_pp2_{tag}", f"{root}/hf_from_pp2_at_pp2_{tag}", "--pp", "2")
         elif stage == "tp2":
             convert("--to", "megatron", hf, f"{root}/mcore_tp2_{tag}", "--tp", "2")
             convert("--to", "hf", f"{root}/mcore_tp1_{tag}", f"{root}/hf_from_tp1_at_tp2_{tag}", "--tp", "2",

@@ -1,8 +1,8 @@
 """torchrun worker: our HF <-> Megatron conversion against Megatron-Bridge's, at TP=2 (fp32, CPU).
 
-Usage: torchrun --nproc-per-node 2 megatron_bridge_worker.py ROOT
-ROOT holds hf_untied/ and hf_tied/. Both converters fill the same GPTModel (our local-spec build)
-from the same HF checkpoint; rank 0 writes ROOT/results.pt with every difference found.
+Usage: torchrun --nproc-per-node 2 megatron_bridge_worker.py ROOT FAMILY [FAMILY ...]
+ROOT/FAMILY holds hf_untied/ and hf_tied/ (FAMILY: qwen2, qwen3, llama). Both converters fill the same GPTModel (our local-spec build)
+from the same HF checkpoint; rank 0 writes ROOT/results.pt, keyed "FAMILY/TAG", with every difference found.
 """
 
 import importlib.util
@@ -14,15 +14,17 @@ TAGS = ("untied", "tied")
 
 
 def import_megatron_bridge():
-    """Import Megatron-Bridge's Qwen2 conversion without the rest of the package; returns AutoBridge.
+    """Import Megatron-Bridge's Qwen2, Qwen3 and Llama conversions without the rest of the package;
+    returns AutoBridge.
 
     megatron-bridge 0.6.2 is installed --no-deps (its declared dependencies include CUDA-only
     builds), and two of its imports fail on this CPU setup for reasons unrelated to Qwen2:
     - ``megatron/bridge/__init__.py``, ``models/__init__.py`` and ``models/qwen/__init__.py`` import
       every model family, and some (Bailing) import ``transformers.modeling_attn_mask_utils``, which
       the transformers we pin (5.24; the bridge pins <= 5.12.1) no longer has. Bare package modules
-      stand in for those three ``__init__`` files, so only the Qwen2 bridge and the conversion core
-      are imported (importing qwen2_bridge registers it, as the package would).
+      stand in for those ``__init__`` files (and ``models/llama/__init__.py``), so only the three
+      bridges and the conversion core are imported (importing a bridge registers it, as the
+      package would).
     - ``megatron/bridge/peft/lora_layers.py`` imports transformer_engine (CUDA only) at import time.
       Its LoRA classes serve only to wrap or recognise adapters, and a plain model has none: empty
       classes stand in for them.
@@ -33,7 +35,8 @@ def import_megatron_bridge():
     base = next(Path(p) / "bridge" for p in importlib.util.find_spec("megatron").submodule_search_locations
                 if (Path(p) / "bridge").is_dir())
     for name, path in (("megatron.bridge", base), ("megatron.bridge.models", base / "models"),
-                       ("megatron.bridge.models.qwen", base / "models" / "qwen")):
+                       ("megatron.bridge.models.qwen", base / "models" / "qwen"),
+                       ("megatron.bridge.models.llama", base / "models" / "llama")):
         package = types.ModuleType(name)
         package.__path__ = [str(path)]
         sys.modules[name] = package
@@ -42,7 +45,9 @@ def import_megatron_bridge():
         setattr(lora_layers, cls, type(cls, (), {}))
     sys.modules[lora_layers.__name__] = lora_layers
 
+    import megatron.bridge.models.llama.llama_bridge  # noqa: F401  (registers LlamaBridge)
     import megatron.bridge.models.qwen.qwen2_bridge  # noqa: F401  (registers Qwen2Bridge)
+    import megatron.bridge.models.qwen.qwen3_bridge  # noqa: F401  (registers Qwen3Bridge)
     from megatron.bridge.models.conversion import param_mapping
     from megatron.bridge.models.conversion.auto_bridge import AutoBridge
 
@@ -64,12 +69,12 @@ def main() -> None:
     from megatron_fipo.model_arch import ModelArch
 
     AutoBridge = import_megatron_bridge()
-    root = sys.argv[1]
+    root, families = sys.argv[1], sys.argv[2:]
     par = ParallelConfig(tensor_model_parallel_size=2)
     init_process_groups(par, seed=0)
     results = {}
-    for tag in TAGS:
-        hf = f"{root}/hf_{tag}"
+    for key in (f"{family}/{tag}" for family in families for tag in TAGS):
+        hf = f"{root}/{key.replace('/', '/hf_')}"
         arch = ModelArch.from_hf_config(hf)
         actor = ActorConfig(model_config=hf, precision="fp32")
         ours = ModelShards(build_model_chunks(arch, actor, par, initialize=False), arch)
@@ -87,7 +92,7 @@ def main() -> None:
         # HF side: both exporters gather full tensors from the same model.
         exported_ours = {n: t for bucket in iter_hf_buckets(ours, 1 << 30) for n, t in bucket}  # rank 0 only
         exported_theirs = dict(bridge.export_hf_weights(ours.chunks, cpu=True, show_progress=False))
-        results[tag] = {
+        results[key] = {
             "megatron": per_rank,
             "hf_ours": sorted(exported_ours),
             "hf_theirs": sorted(exported_theirs),

@@ -1,8 +1,10 @@
 """Checkpoint conversion HF <-> Megatron at TP=1, TP=2 (torchrun x2) and PP=2 (torchrun x2), fp32 on CPU.
 
-Three launches (convert_worker.py) write every checkpoint; the tests compare what they wrote. The
-Megatron checkpoints are written at one layout and read at another, so the round trips also prove
-that a converted checkpoint does not depend on the layout it was written with.
+Three launches (convert_worker.py) write every checkpoint of a tiny Qwen2; the tests compare what
+they wrote. The Megatron checkpoints are written at one layout and read at another, so the round
+trips also prove that a converted checkpoint does not depend on the layout it was written with.
+Two more launches convert a tiny Qwen3 (QK-norm, no QKV bias, query width 2 x hidden) and a tiny
+Llama 3.x (Llama 3 RoPE scaling) at TP=2 and PP=2.
 """
 
 from pathlib import Path
@@ -16,6 +18,7 @@ from megatron_fipo.testing import load_hf_tensors, make_tied_and_untied
 pytestmark = pytest.mark.multiprocess
 WORKER = Path(__file__).with_name("convert_worker.py")
 TAGS = ("untied", "tied")
+FAMILIES = ("qwen3", "llama")
 
 
 @pytest.fixture(scope="module")
@@ -29,23 +32,44 @@ def root(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def families_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert_families")
+    for family in FAMILIES:
+        make_tied_and_untied(root / family, family)
+    torchrun(2, WORKER, "tp2-convert", *(str(root / f) for f in FAMILIES))
+    torchrun(2, WORKER, "pp2-convert", *(str(root / f) for f in FAMILIES))
+    return root
 
-@pytest.mark.parametrize("tag", TAGS)
-@pytest.mark.parametrize("route", ["from_tp1_at_tp2", "from_tp2_at_pp2", "from_pp2_at_pp2"])
-def test_round_trip_is_bit_exact(root, route, tag):
-    original = load_hf_tensors(root / f"hf_{tag}")
+
+def _assert_round_trip(source, out, tag):
+    original = load_hf_tensors(source)
     if tag == "tied":
         original.pop("lm_head.weight", None)  # transformers may write the tied copy; the weight is one
-    out = root / f"hf_{route}_{tag}"
     exported = load_hf_tensors(out)
     assert exported.keys() == original.keys()
     for name, tensor in original.items():
         assert exported[name].dtype == torch.float32, name
         assert torch.equal(exported[name], tensor), name
-    # The output is a loadable HF directory: the original config and tokenizer files came along.
-    assert (out / "config.json").read_text() == (root / f"hf_{tag}" / "config.json").read_text()
+    # The output is a loadable HF directory: the original config came along.
+    assert (out / "config.json").read_text() == (source / "config.json").read_text()
     assert (out / "generation_config.json").is_file()
-    assert (out / "tokenizer_config.json").is_file() == (tag == "untied")
+
+
+@pytest.mark.parametrize("tag", TAGS)
+@pytest.mark.parametrize("route", ["from_tp1_at_tp2", "from_tp2_at_pp2", "from_pp2_at_pp2"])
+def test_round_trip_is_bit_exact(root, route, tag):
+    out = root / f"hf_{route}_{tag}"
+    _assert_round_trip(root / f"hf_{tag}", out, tag)
+    assert (out / "tokenizer_config.json").is_file() == (tag == "untied")  # tokenizer files too
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tag", TAGS)
+@pytest.mark.parametrize("route", ["from_tp2_at_tp2", "from_tp2_at_pp2", "from_pp2_at_pp2"])
+def test_other_families_round_trip_bit_exact(families_root, family, route, tag):
+    root = families_root / family
+    _assert_round_trip(root / f"hf_{tag}", root / f"hf_{route}_{tag}", tag)
 
 
 def test_multiple_shards_and_transformers_loads_the_output(root):

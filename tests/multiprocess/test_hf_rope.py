@@ -36,3 +36,15 @@ def test_actor_logprobs_equal_transformers_for_both_config_spellings(tmp_path):
         got = results[str(hf)]
         assert got["rope_theta"] == got["hf_rope_theta"] == 1e6
         assert got["max_rel_diff"] <= 1e-5, hf
+
+
+def test_actor_logprobs_equal_transformers_for_qwen3_and_llama3(tmp_path):
+    """Qwen3 (QK-norm, no QKV bias, 4 heads x 32 on a 64-wide hidden state; untied) and tied Llama 3.x
+    with Llama 3 RoPE scaling whose band limits differ from Megatron-Core's hard-coded 1 / 4 / 8192
+    (positions up to 300 span all three bands)."""
+    qwen3 = make_hf_checkpoint(tmp_path / "qwen3", seed=2, family="qwen3")
+    llama = make_hf_checkpoint(tmp_path / "llama", seed=3, family="llama", tie_word_embeddings=True)
+    torchrun(1, Path(__file__).with_name("rope_worker.py"), str(tmp_path / "out.pt"), str(qwen3), str(llama))
+    results = torch.load(tmp_path / "out.pt", weights_only=True)
+    for hf in (qwen3, llama):
+        assert results[str(hf)]["max_rel_diff"] <= 1e-5, hf

@@ -1,4 +1,5 @@
-"""The embedded engine against transformers' own Qwen2 on the same HF checkpoint."""
+"""The embedded engine against transformers' own model on the same HF checkpoint: Qwen2 (QKV bias),
+Qwen3 (QK-norm, query width 2 x hidden) and Llama 3.x (Llama 3 RoPE scaling)."""
 
 import pytest
 import torch
@@ -10,11 +11,13 @@ from megatron_fipo.rollout.embedded import EmbeddedEngine, _filter_top_k_top_p
 from megatron_fipo.testing import make_hf_checkpoint
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+@pytest.fixture(scope="module", params=[("qwen2", False), ("qwen2", True), ("qwen3", False), ("llama", True)],
+                ids=["qwen2-untied", "qwen2-tied", "qwen3-untied", "llama3-tied"])
 def setup(request, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    d = make_hf_checkpoint(tmp_path_factory.mktemp("hf"), seed=3, tie_word_embeddings=request.param)
+    family, tie = request.param
+    d = make_hf_checkpoint(tmp_path_factory.mktemp("hf"), seed=3, family=family, tie_word_embeddings=tie)
     reader = HFCheckpointReader(d)
     arch = reader.arch()
     engine = EmbeddedEngine(arch, max_batch=5)
