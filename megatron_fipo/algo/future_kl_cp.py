@@ -40,30 +40,33 @@ def response_chunk_bounds(first_scored: torch.Tensor, chunk: torch.Tensor, lengt
     return torch.minimum(bounds.clamp(min=0), length.long().unsqueeze(1))
 
 
-def _own_chunk_index(bounds: torch.Tensor, chunks: tuple[int, ...], width: int):
-    """Token index [len(chunks) * B, W] of each own chunk (row block per chunk) and its validity."""
-    starts = torch.cat([bounds[:, c] for c in chunks])
-    lens = torch.cat([bounds[:, c + 1] - bounds[:, c] for c in chunks])
-    w = torch.arange(max(int(lens.max()) if lens.numel() else 0, 1))
-    valid = w.unsqueeze(0) < lens.unsqueeze(1)
-    index = (starts.unsqueeze(1) + w.unsqueeze(0)).clamp(max=max(width - 1, 0))
-    return index, valid, lens
+def _own_chunk_index(bounds: torch.Tensor, cp_size: int, cp_rank: int, width: int):
+    """Response-token index [B, 2, W] of this rank's two chunks of each row, ``width`` (a spare
+    column) past a chunk's end, and the chunks' lengths [B, 2]."""
+    first, second = owned_chunks(cp_size, cp_rank)
+    starts = bounds[:, [first, second]]
+    lens = bounds[:, [first + 1, second + 1]] - starts
+    w = torch.arange(max(int(lens.max()) if lens.numel() else 0, 1), device=bounds.device)
+    index = torch.where(w < lens.unsqueeze(-1), starts.unsqueeze(-1) + w, width)
+    return index, lens
 
 
 def scan_own_chunks(
     delta_logp: torch.Tensor, mask: torch.Tensor, bounds: torch.Tensor, cp_size: int, cp_rank: int, decay_rate: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's part: (within-chunk Future-KL [2B, W] of its two chunks, their totals T [B, 2]).
+    """This rank's part: (within-chunk Future-KL [B, 2, W] of its two chunks, their totals T [B, 2]).
 
     delta_logp, mask [B, L]: only the tokens of this rank's chunks are read.
     """
     batch, width = delta_logp.shape
-    index, valid, _ = _own_chunk_index(bounds.to(delta_logp.device), owned_chunks(cp_size, cp_rank), width)
-    rows = torch.arange(batch, device=delta_logp.device).repeat(2).unsqueeze(1)
-    x = delta_logp[rows, index]
-    m = mask[rows, index].to(torch.float32) * valid
-    y = future_kl(x, m, decay_rate)
-    return y, y[:, 0].view(2, batch).t().contiguous()
+    index, _ = _own_chunk_index(bounds.to(delta_logp.device), cp_size, cp_rank, width)
+    flat = index.view(batch, -1)
+    inside = flat < width  # past a chunk's end (the spare column) nothing counts
+    at = flat.clamp(max=max(width - 1, 0))
+    x = delta_logp.gather(1, at)
+    m = mask.gather(1, at).to(torch.float32) * inside
+    y = future_kl(x.view(2 * batch, -1), m.view(2 * batch, -1), decay_rate).view(batch, 2, -1)
+    return y, y[:, :, 0].contiguous()
 
 
 def add_carries(
@@ -86,16 +89,15 @@ def add_carries(
     totals = chunk_totals.double()
     for s in range(n_chunks - 1, -1, -1):
         H[:, s] = totals[:, s] + torch.exp2(-lens[:, s] / decay_rate) * H[:, s + 1]
-    chunks = owned_chunks(cp_size, cp_rank)
-    index, valid, chunk_lens = _own_chunk_index(bounds, chunks, width)
-    later = torch.cat([H[:, c + 1] for c in chunks])  # [2B]
-    # A token w of a chunk of n tokens is n - w tokens before the next chunk's first token.
-    distance = (chunk_lens.unsqueeze(1) - torch.arange(index.shape[1], device=y.device).unsqueeze(0)).double()
-    full = (y.double() + torch.exp2(-distance / decay_rate) * later.unsqueeze(1)).float()
-    out = torch.zeros(batch, width, dtype=torch.float32, device=y.device)
-    rows = torch.arange(batch, device=y.device).repeat(2).unsqueeze(1).expand_as(index)
-    out[rows[valid], index[valid]] = full[valid]
-    return out
+    first, second = owned_chunks(cp_size, cp_rank)
+    index, own_lens = _own_chunk_index(bounds, cp_size, cp_rank, width)
+    later = H[:, [first + 1, second + 1]].float()
+    # Token w of a chunk of n tokens is n - w tokens before the next chunk's first token.
+    distance = own_lens.unsqueeze(-1) - torch.arange(index.shape[-1], device=y.device)
+    full = y + torch.exp2(-distance.float() / decay_rate) * later.unsqueeze(-1)
+    out = torch.zeros(batch, width + 1, dtype=torch.float32, device=y.device)
+    out.scatter_(1, index.view(batch, -1), full.view(batch, -1))
+    return out[:, :width]
 
 
 def chunk_order(gathered: torch.Tensor, cp_size: int) -> torch.Tensor:
