@@ -32,6 +32,7 @@ import time
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -57,6 +58,8 @@ class SGLangDouble:
         self.calls: list[str] = []  # every path served, in order, across restarts
         self.memory_calls: list[tuple[str, list[str]]] = []  # (release/resume, tags named)
         self.restarts = 0
+        # Called with each path after its answer went out: a test's hook to kill or restart the double.
+        self.after_call: Callable[[str], None] = lambda path: None
         self._httpd: ThreadingHTTPServer | None = None
         self._start()
 
@@ -352,6 +355,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the process is gone: the caller sees a dropped connection
             return
         self._reply(200, result)
+        double.after_call(self.path)
 
     def _reply(self, code: int, body) -> None:
         data = (body if isinstance(body, str) else json.dumps(body)).encode()

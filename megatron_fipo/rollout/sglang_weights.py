@@ -142,6 +142,7 @@ class DiskTransport:
         path = self.write(buckets, version)
         each_server(servers, lambda s: s.http.post("/update_weights_from_disk", {
             "model_path": str(path.resolve()), "weight_version": str(version)}))
+        _stamped(servers, version)
 
     def server_restarted(self, server: SGLangServer) -> None:
         pass  # each push names its snapshot
@@ -237,5 +238,10 @@ def _raise_failed(what: str, results: list[dict]) -> None:
 def set_version(servers: list[SGLangServer], version: int) -> None:
     each_server(servers, lambda s: s.http.post("/update_weight_version", {"new_version": str(version),
                                                                           "abort_all_requests": False}))
+    _stamped(servers, version)
+
+
+def _stamped(servers: list[SGLangServer], version: int) -> None:
+    """What each server now reports: a server reporting another version has restarted since."""
     for server in servers:
         server.weight_version = str(version)
