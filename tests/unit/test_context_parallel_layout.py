@@ -68,3 +68,15 @@ def test_context_parallelism_refuses_padded_microbatches():
         validate_run(cfg, world_size=2)
     cfg.actor.packing = "auto"
     validate_run(cfg, world_size=2)
+
+
+def test_cpu_attention_mask_by_hand():
+    from megatron_fipo.actor.cpu_layers import context_parallel_mask
+
+    # Slots of 4 and 4 tokens, cp=2: rank 0 holds positions 0, 3 | 4, 7; the gathered keys are rank
+    # 0's then rank 1's: 0, 3, 4, 7, 1, 2, 5, 6. A query sees its own sequence up to itself.
+    cu = torch.tensor([0, 4, 8], dtype=torch.int32)
+    allowed = ~context_parallel_mask(cu, 2, 0)[0, 0]
+    keys = [0, 3, 4, 7, 1, 2, 5, 6]
+    seen = {q: [k for k, ok in zip(keys, row) if ok] for q, row in zip([0, 3, 4, 7], allowed.tolist())}
+    assert seen == {0: [0], 3: [0, 3, 1, 2], 4: [4], 7: [4, 7, 5, 6]}
