@@ -84,6 +84,7 @@ class ActorConfig:
     max_tokens_per_microbatch: int = 8192
     # auto: pack with Transformer Engine (THD attention skips cross-sequence pairs), pad on the CPU's
     # local attention, where a packed micro-batch costs a dense [T, T] mask (4x slower measured).
+    # Context parallelism always packs (its zig-zag split is of packed sequences).
     packing: Literal["auto", "on", "off"] = "auto"
     # Sequence chunk for vocab-parallel logprobs: bounds the live [chunk, vocab/TP] fp32 logits.
     logprob_chunk_size: int = 1024

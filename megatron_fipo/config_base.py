@@ -43,6 +43,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a mapping for {tp.__name__}, got {value!r}")
         return _build(tp, value, path)
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(get_args(tp)):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value not in get_args(tp):
             raise ConfigError(f"{path}: expected one of {_type_name(tp)}, got {value!r}")
         return value

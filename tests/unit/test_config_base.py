@@ -49,3 +49,13 @@ def test_errors_name_the_key_and_type(data, message):
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(Outer, None, ["inner.size"])
+
+
+def test_on_off_literals_survive_yaml_booleans(tmp_path):
+    # YAML 1.1 reads `packing: off` (and the override actor.packing=on) as a boolean.
+    from megatron_fipo.config import RunConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("actor:\n  packing: off\n")
+    assert load_config(RunConfig, path, []).actor.packing == "off"
+    assert load_config(RunConfig, path, ["actor.packing=on"]).actor.packing == "on"
