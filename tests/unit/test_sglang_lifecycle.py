@@ -206,16 +206,22 @@ def _assert_follows(groups, value: float, version: int):
         assert {s.weight_version for s in group} == {version}
 
 
+def _generation(engine, value: float, version: int) -> None:
+    """A rollout or an eval: the loop's generation phase (loop.py) resumes, generates, pauses."""
+    engine.resume()
+    _assert_follows(_greedy(engine), value, version)
+    engine.pause()
+
+
 def _rl_steps(engine, steps=2):
-    """The loop's order (loop.py): sync, eval, then per step resume, rollout, pause, train, sync."""
+    """The engine calls in the loop's order: sync, eval, then per step rollout, train, sync, eval
+    (tests/integration/test_sglang_loop_calls.py runs the loop itself)."""
     engine.update_weights(_buckets(1.0), version=0)
-    _assert_follows(_greedy(engine), 1.0, 0)  # eval before training
+    _generation(engine, 1.0, 0)
     for step in range(steps):
-        engine.resume()
-        _assert_follows(_greedy(engine), 1.0 + step, step)
-        engine.pause()
+        _generation(engine, 1.0 + step, step)
         engine.update_weights(_buckets(2.0 + step), version=step + 1)
-    _assert_follows(_greedy(engine), 1.0 + steps, steps)
+        _generation(engine, 2.0 + step, step + 1)
 
 
 @pytest.mark.parametrize("placement, transport", [
@@ -228,12 +234,11 @@ def test_rl_steps_make_only_legal_calls(doubles, tmp_path, placement, transport)
     for d in servers:
         assert d.crash is None
         if placement == "colocated":
-            assert d.memory_calls == [
-                (REL, ["kv_cache", "cuda_graph"]),  # first update: weights stay, the rest goes
-                (RES, ["kv_cache", "cuda_graph"]),  # eval
-                (REL, ALL), (RES, ["weights"]), (RES, ["kv_cache", "cuda_graph"]),  # step 0: train, update, rollout
-                (REL, ALL), (RES, ["weights"]), (RES, ["kv_cache", "cuda_graph"]),  # step 1
-            ]
+            rest = ["kv_cache", "cuda_graph"]
+            eval_after_sync = [(RES, rest), (REL, ALL)]
+            step = [(RES, ALL), (REL, ALL), (RES, ["weights"])] + eval_after_sync  # rollout, train, sync, eval
+            # First sync: the weights stay for the trainer's turn, the rest goes.
+            assert d.memory_calls == [(REL, rest)] + eval_after_sync + step * 2
         else:
             assert d.memory_calls == []  # disaggregated servers keep their memory
         assert d.calls.count("/begin_weight_update") == d.calls.count("/end_weight_update") == (
