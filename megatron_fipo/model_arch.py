@@ -65,6 +65,22 @@ class ModelArch:
     qk_norm: bool = False  # RMSNorm of each q and k head before RoPE (Qwen3)
     rope_scaling: Optional[Llama3RopeScaling] = None
 
+    def padded_vocab_size(self, tp: int) -> int:
+        """Rows of the Megatron embedding and output layer at tensor parallelism ``tp``.
+
+        The vocabulary itself where TP divides it. Otherwise padded as Megatron-Bridge pads a
+        vocabulary (should_pad_vocab): up to a multiple of make_vocab_size_divisible_by x TP, that
+        divisor being the largest power of two <= 128 dividing vocab_size (its AutoBridge rule).
+        The padding rows are zero, no token, outside every softmax, and stripped on export.
+        """
+        if self.vocab_size % tp == 0:
+            return self.vocab_size
+        divisor = 128
+        while self.vocab_size % divisor:
+            divisor //= 2
+        multiple = divisor * tp
+        return -(-self.vocab_size // multiple) * multiple
+
     def rope_inv_freq(self, dtype=None):
         """RoPE inverse frequencies [head_dim / 2], computed as transformers does (fp32 unless ``dtype``)."""
         import torch

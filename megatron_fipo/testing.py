@@ -51,10 +51,18 @@ def make_hf_checkpoint(directory: str | Path, seed: int = 0, family: str = "qwen
     return Path(directory)
 
 
-def make_tied_and_untied(root: str | Path, family: str = "qwen2") -> None:
+def make_tied_and_untied(root: str | Path, family: str = "qwen2", **overrides) -> None:
     """``root/hf_untied`` and ``root/hf_tied``: the two embedding layouts every bridge test covers."""
-    make_hf_checkpoint(Path(root) / "hf_untied", seed=0, family=family)
-    make_hf_checkpoint(Path(root) / "hf_tied", seed=1, family=family, tie_word_embeddings=True)
+    make_hf_checkpoint(Path(root) / "hf_untied", seed=0, family=family, **overrides)
+    make_hf_checkpoint(Path(root) / "hf_tied", seed=1, family=family, **{**overrides, "tie_word_embeddings": True})
+
+
+def hf_response_logprobs(model, prompt: list[int], response: list[int], temperature: float = 1.0) -> torch.Tensor:
+    """log pi(response_t | prefix) under a transformers model, fp32 [len(response)]: the reference."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].float() / temperature
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(response).unsqueeze(-1)).squeeze(-1)
 
 
 def load_hf_tensors(directory: str | Path) -> dict[str, torch.Tensor]:

@@ -23,7 +23,6 @@ def validate_parallel(par: ParallelConfig, arch: ModelArch, world_size: int) -> 
     checks = [
         (arch.num_attention_heads % tp, f"parallel.tensor_model_parallel_size={tp} must divide num_attention_heads={arch.num_attention_heads}"),
         (arch.num_kv_heads % tp, f"parallel.tensor_model_parallel_size={tp} must divide num_key_value_heads={arch.num_kv_heads} (KV groups)"),
-        (arch.vocab_size % tp, f"parallel.tensor_model_parallel_size={tp} must divide vocab_size={arch.vocab_size}; pad the vocabulary"),
         (arch.ffn_hidden_size % tp, f"parallel.tensor_model_parallel_size={tp} must divide intermediate_size={arch.ffn_hidden_size}"),
     ]
     stages = pp * (par.virtual_pipeline_model_parallel_size or 1)

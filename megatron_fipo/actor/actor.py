@@ -97,6 +97,7 @@ class MegatronActor:
             tp_rank=self.ps.get_tensor_model_parallel_rank(),
             tp_size=par.tensor_model_parallel_size,
             sequence_parallel=par.sequence_parallel,
+            vocab_size=self.arch.vocab_size,
         )
 
     def _forward(self, mb: MicroBatch, model, ctx: LogprobContext):

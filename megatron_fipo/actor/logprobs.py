@@ -19,13 +19,18 @@ from torch.utils.checkpoint import checkpoint
 class _VocabParallelLogprobEntropy(torch.autograd.Function):
     """logits [n, V/TP] (any float dtype), target [n] global ids -> (logp [n], entropy [n]) fp32.
 
-    Entropy is a diagnostic: it carries no gradient (FIPO and DAPO use no entropy bonus).
+    Entropy is a diagnostic: it carries no gradient (FIPO and DAPO use no entropy bonus). Columns
+    at or past ``vocab_size`` pad the vocabulary for TP: they are -inf, outside the softmax.
     """
 
     @staticmethod
-    def forward(ctx, logits, target, inv_temperature, vocab_start, group):
+    def forward(ctx, logits, target, inv_temperature, vocab_start, group, vocab_size=None):
         z = logits.float() * inv_temperature  # a fresh fp32 tensor: safe to modify in place
         vocab_local = z.shape[-1]
+        padding = None
+        if vocab_size is not None and vocab_start + vocab_local > vocab_size:
+            padding = torch.arange(vocab_start, vocab_start + vocab_local, device=z.device) >= vocab_size
+            z.masked_fill_(padding, float("-inf"))
         zmax = z.max(dim=-1).values
         if group is not None:
             dist.all_reduce(zmax, op=dist.ReduceOp.MAX, group=group)
@@ -34,6 +39,8 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         in_shard = (local_idx >= 0) & (local_idx < vocab_local)
         local_idx = local_idx.clamp(0, vocab_local - 1)
         exp = torch.exp(z)
+        if padding is not None:
+            z.masked_fill_(padding, 0.0)  # exp is 0 there: keeps 0 * -inf (NaN) out of the entropy
         parts = torch.stack([
             exp.sum(dim=-1),
             (exp * z).sum(dim=-1),
@@ -59,7 +66,7 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         scale = grad_logp * ctx.inv_temperature
         grad = probs.mul_(-scale.unsqueeze(-1))
         grad.scatter_add_(-1, local_idx.unsqueeze(-1), (scale * in_shard).unsqueeze(-1))
-        return grad.to(ctx.logits_dtype), None, None, None, None
+        return grad.to(ctx.logits_dtype), None, None, None, None, None
 
 
 def vocab_parallel_logprob_entropy(
@@ -68,14 +75,16 @@ def vocab_parallel_logprob_entropy(
     temperature: float = 1.0,
     vocab_start: int = 0,
     group: Optional[dist.ProcessGroup] = None,
+    vocab_size: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logprob of ``target`` and entropy under softmax(logits / temperature), over the TP group.
 
-    logits [..., V/TP] hold vocabulary ids [vocab_start, vocab_start + V/TP) of this rank.
+    logits [..., V/TP] hold vocabulary ids [vocab_start, vocab_start + V/TP) of this rank; ids from
+    ``vocab_size`` on (the padding of a vocabulary TP does not divide) are left out.
     """
     shape = target.shape
     logp, ent = _VocabParallelLogprobEntropy.apply(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), 1.0 / temperature, vocab_start, group
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), 1.0 / temperature, vocab_start, group, vocab_size
     )
     return logp.view(shape), ent.view(shape)
 
@@ -99,6 +108,7 @@ class LogprobContext:
     tp_size: int
     sequence_parallel: bool
     entropy: Optional[torch.Tensor] = None
+    vocab_size: Optional[int] = None  # the model's; the output layer's rows beyond it pad for TP
 
 
 def logprob_output_processor(*, hidden_states, output_layer, output_weight, labels, context: LogprobContext, **_):
@@ -116,7 +126,8 @@ def logprob_output_processor(*, hidden_states, output_layer, output_weight, labe
 
     def score(h_chunk, t_chunk):
         logits, _ = output_layer(h_chunk, weight=output_weight)
-        return vocab_parallel_logprob_entropy(logits, t_chunk, context.temperature, vocab_start, group)
+        return vocab_parallel_logprob_entropy(logits, t_chunk, context.temperature, vocab_start, group,
+                                              context.vocab_size)
 
     logps, ents, positions = [], [], []
     for start in range(0, s_local, context.chunk_size):

@@ -119,7 +119,7 @@ def build_model_chunks(arch: ModelArch, actor: ActorConfig, par: ParallelConfig,
         model = GPTModel(
             config=config,
             transformer_layer_spec=decoder_spec(config, par, vp_stage),
-            vocab_size=arch.vocab_size,
+            vocab_size=arch.padded_vocab_size(par.tensor_model_parallel_size),
             max_sequence_length=arch.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),

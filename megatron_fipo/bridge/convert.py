@@ -144,6 +144,8 @@ def describe_mapping(arch: ModelArch, tp: int, pp: int, te_spec: bool) -> str:
     rows = [("Megatron parameter", "PP stage", "shape", f"TP={tp} shard", "split", "HF tensor(s)", "HF shape(s)")]
     for m in megatron_params(arch, te_spec):
         full = megatron_shape(m, shapes)
+        if m.kind == "column":  # the embedding / output layer, rows padded where TP does not divide the vocabulary
+            full = (arch.padded_vocab_size(tp), *full[1:])
         rows.append((m.megatron_name, str(_stage(m, arch, pp)), str(list(full)),
                      str(list(shard_shape(full, m.kind, tp))), _SPLIT[m.kind], _braced(m.hf_names),
                      " ".join(str(list(shapes[n])) for n in m.hf_names)))

@@ -142,13 +142,20 @@ def to_megatron_shard(mapping: ParamMapping, hf: list[torch.Tensor], arch: Model
     return hf[0]
 
 
+def padded_vocab_shard(full: torch.Tensor, arch: ModelArch, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """TP rank ``tp_rank``'s rows of a full HF embedding / lm_head, zero rows appended to the padded vocabulary."""
+    padded = arch.padded_vocab_size(tp_size)
+    full = torch.cat([full, full.new_zeros(padded - full.shape[0], *full.shape[1:])])
+    return full.chunk(tp_size)[tp_rank]
+
+
 def from_megatron_shards(mapping: ParamMapping, shards: list[torch.Tensor], arch: ModelArch) -> list[torch.Tensor]:
     """The Megatron parameter's shards of all TP ranks (in rank order) -> full HF tensor(s)."""
     kind = mapping.kind
     if kind == "replicated":
         return [shards[0]]
-    if kind == "column":
-        return [torch.cat(shards, dim=0)]
+    if kind == "column":  # the embedding or output layer: drop the rows that pad the vocabulary for TP
+        return [torch.cat(shards, dim=0)[: arch.vocab_size]]
     if kind == "row":
         return [torch.cat(shards, dim=1)]
     if kind == "gate_up":

@@ -22,6 +22,7 @@ from megatron_fipo.bridge.mapping import (
     from_megatron_shards,
     hf_shapes,
     map_param,
+    padded_vocab_shard,
     split_dim,
     to_megatron_shard,
 )
@@ -80,8 +81,13 @@ def copy_hf_weights(model, source: HFShardSource, on_param: Callable[[], None] =
         for name, param in chunk.named_parameters():
             mapping = map_param(name, offset, model.arch)
             dim = split_dim(mapping.kind)
-            value = to_megatron_shard(mapping, [source.read_shard(n, dim, tp_rank, tp_size) for n in mapping.hf_names],
-                                      model.arch)
+            if mapping.kind == "column" and model.arch.padded_vocab_size(tp_size) != model.arch.vocab_size:
+                # TP does not divide the vocabulary: read it whole (one tensor) and pad before splitting.
+                value = padded_vocab_shard(source.read_shard(mapping.hf_names[0], None, 0, 1), model.arch, tp_rank,
+                                           tp_size)
+            else:
+                value = to_megatron_shard(mapping, [source.read_shard(n, dim, tp_rank, tp_size)
+                                                    for n in mapping.hf_names], model.arch)
             if value.shape != param.shape:
                 raise ValueError(
                     f"shape mismatch: HF {', '.join(mapping.hf_names)} gives {tuple(value.shape)} for TP rank "

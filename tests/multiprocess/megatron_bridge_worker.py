@@ -1,8 +1,9 @@
 """torchrun worker: our HF <-> Megatron conversion against Megatron-Bridge's, at TP=2 (fp32, CPU).
 
 Usage: torchrun --nproc-per-node 2 megatron_bridge_worker.py ROOT FAMILY [FAMILY ...]
-ROOT/FAMILY holds hf_untied/ and hf_tied/ (FAMILY: qwen2, qwen3, llama). Both converters fill the same GPTModel (our local-spec build)
-from the same HF checkpoint; rank 0 writes ROOT/results.pt, keyed "FAMILY/TAG", with every difference found.
+ROOT/FAMILY holds hf_untied/ and hf_tied/ (FAMILY: qwen2, qwen3, llama). Both converters fill the
+same GPTModel (our local-spec build) from the same HF checkpoint; rank 0 writes ROOT/results.pt,
+keyed "FAMILY/TAG", with every difference found.
 """
 
 import importlib.util

@@ -3,8 +3,9 @@
 Three launches (convert_worker.py) write every checkpoint of a tiny Qwen2; the tests compare what
 they wrote. The Megatron checkpoints are written at one layout and read at another, so the round
 trips also prove that a converted checkpoint does not depend on the layout it was written with.
-Two more launches convert a tiny Qwen3 (QK-norm, no QKV bias, query width 2 x hidden) and a tiny
-Llama 3.x (Llama 3 RoPE scaling) at TP=2 and PP=2.
+Two more launches convert a tiny Qwen3 (QK-norm, no QKV bias, query width 2 x hidden), a tiny
+Llama 3.x (Llama 3 RoPE scaling) and a Qwen3 with a vocabulary of 1003 (padded to 1004 rows at
+TP=2, stripped again on export) at TP=2 and PP=2.
 """
 
 from pathlib import Path
@@ -18,7 +19,9 @@ from megatron_fipo.testing import load_hf_tensors, make_tied_and_untied
 pytestmark = pytest.mark.multiprocess
 WORKER = Path(__file__).with_name("convert_worker.py")
 TAGS = ("untied", "tied")
-FAMILIES = ("qwen3", "llama")
+# Root name -> make_hf_checkpoint arguments.
+FAMILIES = {"qwen3": {"family": "qwen3"}, "llama": {"family": "llama"},
+            "vocab1003": {"family": "qwen3", "vocab_size": 1003}}
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +38,8 @@ def root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def families_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert_families")
-    for family in FAMILIES:
-        make_tied_and_untied(root / family, family)
+    for name, arguments in FAMILIES.items():
+        make_tied_and_untied(root / name, **arguments)
     torchrun(2, WORKER, "tp2-convert", *(str(root / f) for f in FAMILIES))
     torchrun(2, WORKER, "pp2-convert", *(str(root / f) for f in FAMILIES))
     return root

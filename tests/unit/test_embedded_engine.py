@@ -8,7 +8,7 @@ from megatron_fipo.bridge.hf_io import HFCheckpointReader
 from megatron_fipo.bridge.mapping import hf_names
 from megatron_fipo.rollout.base import SamplingParams
 from megatron_fipo.rollout.embedded import EmbeddedEngine, _filter_top_k_top_p
-from megatron_fipo.testing import make_hf_checkpoint
+from megatron_fipo.testing import hf_response_logprobs, make_hf_checkpoint
 
 
 @pytest.fixture(scope="module", params=[("qwen2", False), ("qwen2", True), ("qwen3", False), ("llama", True)],
@@ -29,13 +29,6 @@ def setup(request, tmp_path_factory):
 PROMPTS = [[5, 17, 33, 2], [9, 9], [100, 4, 77, 31, 12, 8, 3]]
 
 
-def _hf_logprobs(hf, prompt, response, temperature):
-    ids = torch.tensor([prompt + response])
-    with torch.no_grad():
-        logits = hf(ids).logits[0, len(prompt) - 1 : -1].float() / temperature
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(response).unsqueeze(-1)).squeeze(-1)
-
-
 def test_sampled_logprobs_match_transformers(setup):
     engine, hf = setup
     groups = engine.generate(PROMPTS, n=3, sampling=SamplingParams(temperature=0.8, max_new_tokens=12), seed=0)
@@ -43,7 +36,7 @@ def test_sampled_logprobs_match_transformers(setup):
     for prompt, group in zip(PROMPTS, groups):
         for s in group:
             assert s.prompt_ids == prompt and s.weight_version == 7 and s.finish_reason == "length"
-            ref = _hf_logprobs(hf, prompt, s.response_ids, 0.8)
+            ref = hf_response_logprobs(hf, prompt, s.response_ids, 0.8)
             torch.testing.assert_close(torch.tensor(s.logprobs), ref, rtol=1e-5, atol=1e-5)
 
 

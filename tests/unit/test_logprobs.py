@@ -66,3 +66,21 @@ def test_chunked_output_processor_matches_unchunked_and_is_order_preserving():
     torch.testing.assert_close(out[7][0], ref.detach(), rtol=1e-5, atol=1e-5)
     for a, b in zip(out[7], out[50]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+
+
+def test_vocabulary_padding_columns_are_outside_the_softmax():
+    """Columns from vocab_size on (rows that pad the vocabulary for TP) hold large logits here; the
+    result equals the unpadded log_softmax, entropy included (no NaN from 0 * -inf), and they get no gradient."""
+    g = torch.Generator().manual_seed(3)
+    real = (3 * torch.randn(11, 101, generator=g)).requires_grad_()
+    pad = torch.full((11, 3), 50.0)
+    target = torch.randint(101, (11,), generator=g)
+    logits = torch.cat([real, pad], dim=-1).detach().requires_grad_()
+    logp, ent = vocab_parallel_logprob_entropy(logits, target, 0.7, vocab_size=101)
+    ref_logp, ref_ent = reference_logprob_entropy(real, target, 0.7)
+    torch.testing.assert_close(logp, ref_logp, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-6, atol=1e-6)
+    logp.sum().backward()
+    ref_logp.sum().backward()
+    assert torch.equal(logits.grad[:, 101:], torch.zeros(11, 3))
+    torch.testing.assert_close(logits.grad[:, :101], real.grad, rtol=1e-5, atol=1e-7)

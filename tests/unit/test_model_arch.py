@@ -69,7 +69,8 @@ def test_llama3_rope_scaling_matches_the_formula_by_band():
     wavelen = 2 * math.pi / plain
     for i in range(8):
         s = (64 / wavelen[i] - 1) / 3
-        want = plain[i] if wavelen[i] < 16 else plain[i] / 8 if wavelen[i] > 64 else (1 - s) * plain[i] / 8 + s * plain[i]
+        blended = (1 - s) * plain[i] / 8 + s * plain[i]
+        want = plain[i] if wavelen[i] < 16 else plain[i] / 8 if wavelen[i] > 64 else blended
         assert got[i].item() == pytest.approx(want.item(), rel=1e-12), i
     assert [bool(w < 16) for w in wavelen].count(True) == 1 and [bool(w > 64) for w in wavelen].count(True) == 5
 
