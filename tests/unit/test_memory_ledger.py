@@ -119,8 +119,13 @@ def test_7b_terms():
     assert sg.reserve == (512 + 12288 + 128 + 512) * MiB
 
 
-@pytest.mark.parametrize("recipe", ["qwen2.5-32b-fipo-h100.yaml", "qwen2.5-7b-fipo-h100.yaml"])
-def test_recipe_fits_each_phase_with_headroom(recipe):
+@pytest.mark.parametrize("recipe,kv_tokens", [
+    ("qwen2.5-32b-fipo-h100.yaml", 16 * (2048 + 20480)),  # a whole prompt group's longest responses, at least
+    ("qwen2.5-7b-fipo-h100.yaml", 16 * (2048 + 20480)),
+    # 8 KV heads x 36 layers: 144 KiB a token; half of a 32-sample group at full length, at least.
+    ("qwen3-8b-fipo-h100.yaml", 16 * (2048 + 10240)),
+])
+def test_recipe_fits_each_phase_with_headroom(recipe, kv_tokens):
     ledger = ledger_of(recipe)
     assert [p.name for p in ledger.phases] == ["rollout", "old-logprob", "training", "weight-sync"]
     for phase in ledger.phases:
@@ -131,7 +136,7 @@ def test_recipe_fits_each_phase_with_headroom(recipe):
     assert lay.sglang.mem_fraction_static == max_mem_fraction_static(lay)
     over = build_ledger(replace(lay, sglang=replace(lay.sglang, mem_fraction_static=lay.sglang.mem_fraction_static + 0.01)))
     assert over.phase("rollout").headroom < MIN_HEADROOM
-    assert ledger.sglang.kv_tokens >= 16 * (2048 + 20480)  # a whole prompt group's longest responses, at least
+    assert ledger.sglang.kv_tokens >= kv_tokens
 
 
 def test_rollout_with_offload_holds_only_the_trainer_residual():

@@ -15,6 +15,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
     ("tiny_cpu.yaml", 1, 1),
     ("qwen2.5-32b-fipo-h100.yaml", 128, 16),
     ("qwen2.5-7b-fipo-h100.yaml", 32, 16),
+    ("qwen3-8b-fipo-h100.yaml", 16, 8),
+    ("tiny_cpu_qwen3.yaml", 1, 1),
 ])
 def test_recipe_validates(name, world, dp, monkeypatch):
     monkeypatch.chdir(EXAMPLES.parent)
