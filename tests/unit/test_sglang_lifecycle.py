@@ -56,7 +56,7 @@ def doubles():
 def _engine(servers, tmp_path: Path, placement="colocated", transport="tensor", **sglang) -> SGLangEngine:
     cfg = RolloutConfig(engine="sglang", placement=placement, sglang=SGLangConfig(
         urls=[d.url for d in servers], weight_transport=transport, distributed_backend="gloo",
-        weights_update_port=free_port(), startup_timeout_s=30, sequences_per_request=2, **sglang))
+        weights_update_port=free_port(), sequences_per_request=2, **{"startup_timeout_s": 30, **sglang}))
     return SGLangEngine(cfg, ARCH, tmp_path)
 
 
@@ -283,3 +283,16 @@ def test_a_dead_job_script_server_is_waited_for_and_the_update_group_reformed(do
     port = engine.cfg.weights_update_port
     assert first == f"megatron_fipo-{port}"
     assert set(servers[1].groups) == set(servers[0].groups) == {f"megatron_fipo-{port + 1}"}
+
+
+def test_a_job_script_server_that_never_comes_back_fails_the_update_after_the_timeout(doubles, tmp_path, caplog):
+    servers = doubles(2)
+    engine = _engine(servers, tmp_path, "colocated", "tensor", startup_timeout_s=2.0)
+    engine.update_weights(_buckets(1.0), version=0)
+    servers[0].kill()
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="megatron_fipo"), pytest.raises(ServerUnavailable, match=servers[0].url):
+        engine.update_weights(_buckets(2.0), version=1)
+    assert 2.0 <= time.monotonic() - started < 30
+    assert any("not healthy within rollout.sglang.startup_timeout_s=2.0 s" in r.getMessage() + str(r.exc_info)
+               for r in caplog.records)
