@@ -85,3 +85,15 @@ def test_megatron_cores_builtin_llama3_scaling_differs_from_a_config_with_other_
     assert not torch.equal(megatron, ModelArch.from_hf_config(TINY_LLAMA3).rope_inv_freq())
     llama31 = {**TINY_LLAMA3["rope_parameters"], "original_max_position_embeddings": 8192}
     assert torch.equal(megatron, ModelArch.from_hf_config({**TINY_LLAMA3, "rope_parameters": llama31}).rope_inv_freq())
+
+
+@pytest.mark.parametrize("vocab,tp,padded", [
+    (1003, 1, 1003),  # TP divides it: no padding
+    (1003, 2, 1004),  # odd: Megatron-Bridge's divisor is 1, so a multiple of 1 x 2
+    (1002, 4, 1008),  # divisor 2 (1002 = 2 x 501): a multiple of 8
+    (50257, 8, 50264),
+    (151936, 8, 151936),
+    (1000, 16, 1024),  # divisor 8: a multiple of 128
+])
+def test_padded_vocab_size_follows_megatron_bridge(vocab, tp, padded):
+    assert ModelArch.from_hf_config({**TINY_QWEN2, "vocab_size": vocab}).padded_vocab_size(tp) == padded
