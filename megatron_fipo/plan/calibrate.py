@@ -24,9 +24,10 @@ from megatron_fipo.plan.step_time import Efficiency, ResponseLengths, Workload
 
 PHASES = ("rollout", "old_logprob", "train", "sync")
 # The factors a fit moves; the rest (file-system bandwidth, NIC and NVLink efficiency, which no
-# single-node run exercises) stay as given.
+# single-node run exercises) stay as given. The collective latencies move only with a TP > 1 run.
 FITTED = ("decode_bandwidth", "decode_mfu", "prefill_mfu", "layer_latency_s", "forward_mfu", "train_mfu",
-          "score_s_per_sample", "optimizer_step_s", "sync_bandwidth", "sync_latency_s")
+          "score_s_per_sample", "optimizer_step_s", "sync_bandwidth", "sync_latency_s", "collective_latency_s",
+          "gather_latency_s")
 PRIOR_WEIGHT = 1e-4  # per factor: only pins the directions no run constrains
 
 

@@ -217,3 +217,41 @@ def test_cli_plan_of_the_tiny_config(capsys):
         assert f"  {phase}" in out
     assert main(["plan", "examples/tiny_cpu.yaml", "--gpu", "tpu-v9"]) == 2
     assert "unknown device" in capsys.readouterr().err
+
+
+def test_cli_calibrate_saves_and_plans_with_the_factors(tmp_path, capsys):
+    """A run directory whose metrics were timed by the model at known factors (a stand-in for a
+    training run, which the integration test makes for real): --calibrate saves factors that
+    reproduce its phases, and --efficiency / --from-run plan with them."""
+    from megatron_fipo.cli import main
+    from megatron_fipo.config_base import save_config
+    from megatron_fipo.plan.layouts import step_layout
+
+    cfg = load_config(RunConfig, "examples/tiny_cpu.yaml", [f"run_dir={tmp_path}"])
+    save_config(cfg, tmp_path / "config.yaml")
+    shape = ModelShape.from_arch(ModelArch.from_hf_config(cfg.actor.model_config))
+    true = replace(CPU_EFFICIENCY, train_mfu=0.2, forward_mfu=0.1)
+    rows = []
+    for step, (mean, batches) in enumerate([(5.6, 2), (5.5, 2), (4.4, 1), (4.0, 1)], 1):
+        wl = Workload(32, 8, 5.0, ResponseLengths(mean, 6), 48, batches, 8, score_s_per_sample=1e-3)
+        t = {p.name: p.seconds for p in estimate(shape, CPU, step_layout(cfg, CPU, 1, 1, None, wl), wl, true).phases}
+        rows.append({"step": step, "time/rollout_s": t["rollout"], "time/old_logprob_s": t["old_logprob"],
+                     "time/train_s": t["old_logprob"] + t["train"], "time/sync_s": t["sync"],
+                     "time/reward_s": 1e-3 * 384 * batches, "train/tokens": 256 * (5 + mean), "train/samples": 256,
+                     "train/world_size": 1, "rollout/samples_generated": 384 * batches,
+                     "response_length/mean": mean, "response_length/max": 6, "rollout/gen_batches": batches})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "cal.json"
+    assert main(["plan", "examples/tiny_cpu.yaml", "--calibrate", str(tmp_path), "--calibration-out", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "calibration saved" in report and "model estimates" in report
+    device, fitted = calibrate.load(out)
+    assert device == "cpu"
+    for measured, predict in calibrate.run_rows(tmp_path, CPU):
+        for phase, seconds in predict(fitted).items():
+            if phase in calibrate.PHASES:
+                assert seconds == pytest.approx(measured[phase], rel=0.03), phase
+    assert main(["plan", "examples/tiny_cpu.yaml", "--efficiency", str(out), "--from-run", str(tmp_path)]) == 0
+    assert "measured in" in capsys.readouterr().out
+    assert main(["plan", "examples/tiny_cpu.yaml", "--efficiency", str(out), "--gpu", "h100-80gb"]) == 2
+    assert "calibrated on cpu" in capsys.readouterr().err
