@@ -75,8 +75,10 @@ def test_tiny_job_through_sbatch(slurm_env, tmp_path):
 
 def test_sigterm_checkpoints_requeues_and_resumes(slurm_env, tmp_path):
     """Slurm's notice before the time limit (here sent by hand): the batch shell passes SIGTERM to the
-    trainer, which finishes its step and checkpoints; the job requeues itself and the rerun finishes."""
-    job = _submit(tmp_path, slurm_env, "trainer.total_steps=3", "launch.requeue=true")
+    trainer, which stops at its next safe point and checkpoints; the job requeues itself and the rerun
+    finishes. Rollouts of about 2 s (200 prompts) and 5 steps: the signal, passed on through squeue and
+    scancel, lands well before the run's last safe point."""
+    job = _submit(tmp_path, slurm_env, "trainer.total_steps=5", "trainer.gen_prompts_per_batch=200", "launch.requeue=true")
     latest, deadline = tmp_path / "checkpoints" / "latest", time.time() + 300
     while not (latest.is_file() and int(latest.read_text()) >= 1):  # step 0 is the pre-training eval
         assert time.time() < deadline and _job(job, slurm_env).get("JobState", "PENDING") in ACTIVE, "no step 1"
@@ -87,9 +89,9 @@ def test_sigterm_checkpoints_requeues_and_resumes(slurm_env, tmp_path):
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-3000:]
     assert "SIGTERM: passed on to the trainer" in log
     stopped_at = int(log.split("SIGTERM: checkpoint written at step ")[1].split(";")[0])
-    assert 1 <= stopped_at < 3
-    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 3
-    assert metric_steps(tmp_path) == [0, 1, 2, 3]
+    assert 1 <= stopped_at < 5
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 5
+    assert metric_steps(tmp_path) == [0, 1, 2, 3, 4, 5]
 
 
 def test_tiny_job_through_nemo_run_slurm_executor(slurm_env, tmp_path):
