@@ -159,7 +159,7 @@ class Trainer:
             self.state.start = self._evaluate()
             self._log(self.state.step, {f"eval/{k}": v for k, v in self.state.start.items()})
             self._checkpoint(started)
-        if self.state.pending_metrics:
+        if self.state.pending_metrics:  # stopped between mini-batches: that step's eval, log and save are left
             self._end_step(self.state.pending_metrics, started)
         bar = progress_bar(self.is_rank0)
         with bar:
