@@ -28,7 +28,6 @@ from megatron_fipo.plan.step_time import (CPU, Efficiency, ModelShape, ResponseL
 ASSUMED_PROMPT_FRACTION = 0.25  # mean prompt = this x data.max_prompt_length
 ASSUMED_RESPONSE_FRACTION = 0.5  # mean response = this x rollout.max_response_length
 ASSUMED_KEEP_FRACTION = 0.5  # groups dynamic sampling keeps (DAPO-style math at a mid-training accuracy)
-DEDICATED_MEM_FRACTION = 0.85  # SGLang's static pool on a GPU of its own (disaggregated)
 
 
 @dataclass(frozen=True)
@@ -136,16 +135,6 @@ def _headroom(cfg: RunConfig, arch: ModelArch, dev: GPU, train_gpus: int) -> tup
     return min(p.headroom for p in ledger.phases), kv
 
 
-def _dedicated_kv_tokens(cfg: RunConfig, arch: ModelArch, dev: GPU) -> Optional[int]:
-    """KV tokens per engine on GPUs SGLang has to itself (no trainer beside it), or None when its
-    weights do not leave room for one longest request."""
-    lay = memory.layout_from_config(replace(cfg, rollout=replace(cfg.rollout, placement="colocated")), arch, 1, dev)
-    chunked, max_bs = memory.SGLangLayout.defaults_for(dev, cfg.rollout.sglang.tp_size)
-    lay = replace(lay, sglang=memory.SGLangLayout(cfg.rollout.sglang.tp_size, DEDICATED_MEM_FRACTION, chunked, max_bs))
-    kv = memory.sglang_memory(lay).kv_tokens
-    return kv if kv >= lay.longest_sequence else None
-
-
 TRAINER_SHORTLIST = 6  # trainer layouts (fastest training phases) combined with every engine layout
 
 
@@ -181,8 +170,12 @@ def enumerate_layouts(cfg: RunConfig, arch: ModelArch, dev: GPU, nodes: int, gpu
                             trial = _with(cfg, parallel__tensor_model_parallel_size=tp,
                                           parallel__pipeline_model_parallel_size=pp, parallel__context_parallel_size=cp,
                                           parallel__sequence_parallel=tp > 1, actor__recompute=recompute,
-                                          actor__max_tokens_per_microbatch=mb, rollout__placement="disaggregated")
+                                          actor__max_tokens_per_microbatch=mb, actor__offload=False,
+                                          rollout__placement="disaggregated")  # offload: chosen with the engines
                             if _headroom(trial, arch, dev, train_gpus)[0] is None:  # the trainer alone
+                                continue
+                            placed = trial if rollout_nodes else _with(trial, rollout__placement="colocated")
+                            if not _launchable(placed, train_gpus, gpus_per_node):
                                 continue
                             lay = step_layout(trial, dev, train_gpus, gpus_per_node, None, wl)
                             est = _estimate_cached(shape, dev, lay, wl, eff)
@@ -199,6 +192,18 @@ def enumerate_layouts(cfg: RunConfig, arch: ModelArch, dev: GPU, nodes: int, gpu
     return sorted(out, key=lambda c: c.estimate.seconds)
 
 
+def _launchable(cfg: RunConfig, train_gpus: int, gpus_per_node: int) -> bool:
+    """What `launch` would accept of the layout (validation.validate_run at this world size): e.g. the
+    colocated per-node weight handoff needs whole model replicas per node (PP 1)."""
+    from megatron_fipo.validation import validate_run
+
+    try:
+        validate_run(cfg, world_size=train_gpus, nproc_per_node=gpus_per_node)
+    except ConfigError:
+        return False
+    return True
+
+
 def _candidate(cfg, arch, dev, shape, wl, eff, gpus_per_node, train_gpus, rollout_nodes, engine_tp, engines,
                offload) -> Optional[Candidate]:
     trial = _with(cfg, actor__offload=offload, rollout__placement="disaggregated" if rollout_nodes else "colocated",
@@ -206,18 +211,14 @@ def _candidate(cfg, arch, dev, shape, wl, eff, gpus_per_node, train_gpus, rollou
                   # The client's cap should not be what limits the engines: the KV cache is.
                   sglang__max_concurrency=max(cfg.rollout.sglang.max_concurrency, engines * 512),
                   sglang__weight_transport="distributed" if rollout_nodes else cfg.rollout.sglang.weight_transport)
-    if rollout_nodes:
-        kv = _dedicated_kv_tokens(trial, arch, dev)
-        if kv is None:
-            return None
-        headroom, _ = _headroom(trial, arch, dev, train_gpus)
-    else:
-        fraction = memory.max_mem_fraction_static(memory.layout_from_config(trial, arch, train_gpus, dev))
-        if fraction <= 0:
-            return None
-        trial = _with(trial, sglang__mem_fraction_static=fraction)
-        headroom, kv = _headroom(trial, arch, dev, train_gpus)
-    if headroom is None:
+    # The largest static pool with the ledger's headroom: beside the trainer's residual when
+    # colocated, on the engine's own GPUs when disaggregated.
+    fraction = memory.max_mem_fraction_static(memory.layout_from_config(trial, arch, train_gpus, dev))
+    if fraction <= 0:
+        return None
+    trial = _with(trial, sglang__mem_fraction_static=fraction)
+    headroom, kv = _headroom(trial, arch, dev, train_gpus)
+    if headroom is None or not _launchable(trial, train_gpus, gpus_per_node):
         return None
     lay = step_layout(trial, dev, train_gpus, gpus_per_node, kv, wl, colocated=not rollout_nodes, engines=engines)
     est = _estimate_cached(shape, dev, lay, wl, eff)
