@@ -264,9 +264,10 @@ def table(rows: list[tuple[str, StepEstimate, Optional[float]]]) -> str:
     for i, (label, e, headroom) in enumerate(rows, 1):
         ph = {p.name: p.seconds for p in e.phases}
         room = f"{100 * headroom:.0f}%" if headroom is not None else "-"
+        mfu = "-" if e.device == CPU.name else f"{100 * e.mfu:.1f}%"  # a CPU's peak is a placeholder
         lines.append(f"{i:>3} {label:<78} {ph['rollout']:>8.1f} {ph['old_logprob']:>8.1f} {ph['train']:>8.1f} "
                      f"{ph['sync']:>6.1f} {ph['checkpoint']:>6.1f} {e.seconds:>8.1f} {e.samples_per_hour:>10.0f} "
-                     f"{e.tokens_per_s_per_gpu:>10.0f} {100 * e.mfu:>5.1f}% {room:>8}")
+                     f"{e.tokens_per_s_per_gpu:>10.0f} {mfu:>6} {room:>8}")
     return "\n".join(lines)
 
 

@@ -290,6 +290,7 @@ class StepEstimate:
     model_flops: float  # training model FLOPs per step (MFU numerator)
     gpus: int
     peak_flops: float
+    device: str
 
     def phase(self, name: str) -> PhaseTime:
         return next(p for p in self.phases if p.name == name)
@@ -593,4 +594,4 @@ def estimate(shape: ModelShape, dev: GPU, lay: StepLayout, wl: Workload, eff: Ef
     lengths = [round(wl.prompt_len) + x for x in wl.lengths.sample(wl.prompts_per_step * wl.n_samples)]
     flops = wl.ppo_epochs * train_flops(shape, lengths)
     peak = dev.fp8_dense_flops if lay.fp8 else dev.bf16_dense_flops
-    return StepEstimate(phases, lay, wl, float(sum(lengths)), flops, lay.gpus, peak)
+    return StepEstimate(phases, lay, wl, float(sum(lengths)), flops, lay.gpus, peak, dev.name)
