@@ -162,13 +162,13 @@ class Efficiency:
 # given runs with different micro-batch sizes; a TP=1 run cannot show `collective_latency_s`.
 # Latencies: a layer's forward is ~10 dispatched ops of ~20 us; a micro-batch adds ~1 ms of Python
 # (batch assembly, schedule, loss). Ranks that compute between collectives on a loaded machine meet
-# only once both are scheduled: of the order of Linux's default scheduling period (6 ms). Back-to-back
+# only once both are scheduled: about half of Linux's default scheduling period (6 ms). Back-to-back
 # gathers (the weight sync) stay in step and pay a gloo round trip over loopback, under 1 ms. A TP=1 run
-# cannot show either: these two were set after seeing TP=2 runs of the tiny job on this machine
-# (4 ms per collective between computation, 0.6 ms per back-to-back gather), not fitted.
+# cannot show either: these two were set after seeing TP=2 runs of the tiny job on this machine (which
+# implied 2.3-4 ms per collective between computation, 0.6 ms per back-to-back gather), not fitted.
 CPU_EFFICIENCY = Efficiency(train_mfu=0.3, forward_mfu=0.3, prefill_mfu=0.3, decode_mfu=0.3, decode_bandwidth=0.5,
                             layer_latency_s=2e-4, microbatch_latency_s=1e-3, decode_step_latency_s=1e-3,
-                            collective_latency_s=4e-3, gather_latency_s=6e-4, sync_latency_s=1e-3,
+                            collective_latency_s=3e-3, gather_latency_s=6e-4, sync_latency_s=1e-3,
                             optimizer_step_s=0.02)
 
 
