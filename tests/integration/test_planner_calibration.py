@@ -46,9 +46,9 @@ def _train(run_dir: Path, *extra: str, nproc: int = 1) -> None:
     assert proc.returncode == 0, proc.stderr[-5000:]
 
 
-@pytest.mark.skipif(os.getloadavg()[0] > os.cpu_count(), reason=(
-    "timing comparison needs the cores: the 1-minute load average exceeds the CPU count, and other jobs "
-    "moved the same configuration's fastest step by up to 1.5x between runs (docs/planner.md)"))
+@pytest.mark.skipif(os.environ.get("MEGATRON_FIPO_TIMING") != "1", reason=(
+    "a wall-clock comparison, run on a quiet machine with MEGATRON_FIPO_TIMING=1: other jobs moved the same "
+    "configuration's fastest step by up to 1.5x between runs (docs/planner.md), so it is kept out of make test"))
 def test_calibrated_on_one_run_predicts_the_phases_of_others(tmp_path):
     base = tmp_path / "base"
     _train(base)
