@@ -59,3 +59,15 @@ def test_on_off_literals_survive_yaml_booleans(tmp_path):
     path.write_text("actor:\n  packing: off\n")
     assert load_config(RunConfig, path, []).actor.packing == "off"
     assert load_config(RunConfig, path, ["actor.packing=on"]).actor.packing == "on"
+
+
+def test_exponent_floats_without_a_dot(tmp_path):
+    # YAML 1.1 reads 1e-6 as the string '1e-6'; a float field takes it, a word stays an error.
+    from megatron_fipo.config import RunConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  adam_eps: 1e-6\n")
+    assert load_config(RunConfig, path, []).optim.adam_eps == 1e-6
+    assert load_config(RunConfig, path, ["optim.lr=3e-7"]).optim.lr == 3e-7
+    with pytest.raises(ConfigError, match="optim.lr: expected float, got 'fast'"):
+        load_config(RunConfig, path, ["optim.lr=fast"])
