@@ -152,6 +152,11 @@ class ModelArch:
             "max_position_embeddings": self.max_position_embeddings,
             "hidden_act": "silu",
             "torch_dtype": "float32",
+            # Engines stop on the stop ids the trainer sends (its tokenizer's). Without these keys
+            # transformers' LlamaConfig defaults eos_token_id to 2 and an SGLang server serving this
+            # config stops at token 2 (measured; in Llama 3's vocabulary that is '#').
+            "bos_token_id": None,
+            "eos_token_id": None,
         }
         if self.rope_scaling:
             out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}

@@ -60,6 +60,17 @@ def test_qwen3_and_llama3_are_read_and_round_trip():
         assert ModelArch.from_hf_config(v4) == arch
 
 
+def test_exported_config_names_no_end_of_sequence_token():
+    """A snapshot config read by transformers (as SGLang reads it) has no EOS of its own: LlamaConfig's
+    default (2) would make the server stop at token 2; the trainer's stop ids are the only stops."""
+    from transformers import AutoConfig
+
+    for tiny in (TINY_QWEN2, TINY_QWEN3, TINY_LLAMA3):
+        out = ModelArch.from_hf_config(tiny).to_hf_config()
+        cfg = AutoConfig.for_model(out.pop("model_type"), **out)
+        assert cfg.eos_token_id is None and cfg.bos_token_id is None, tiny["model_type"]
+
+
 def test_llama3_rope_scaling_matches_the_formula_by_band():
     """Hand-computed: head_dim 16, theta 1e4 -> wavelengths 2 pi 1e4^(i/8); original 64, low 1, high 4:
     wavelength < 16 kept, > 64 divided by factor 8, between them blended with s = (64/wavelength - 1) / 3."""
