@@ -10,6 +10,10 @@ every node at once; nothing is broadcast.
 
 Trainer rank 0 still owns the servers' lifecycle (memory tags, recoveries, weight versions): it readies
 every server before the handoff and stamps the version after it, with a barrier on each side.
+
+On a GPU the buckets live on the first rank's GPU, and every TP rank of every server on the node
+opens them there (peer access over NVLink): the servers must see that GPU (the job script gives
+each server step all of its node's GPUs).
 """
 
 from __future__ import annotations

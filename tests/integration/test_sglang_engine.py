@@ -3,11 +3,21 @@
 The server runs from .venv-sglang (tools/sglang_cpu/setup.sh, which `make test` runs) through
 tools/sglang_cpu/python, which adds the documented sgl_kernel import shim. Weights reach it through
 the bridge's HF-named tensors; the embedded engine with the same weights is the reference.
+
+Memory release is not run here: on a CPU SGLang 0.5.23's /release_memory_occupation ends in
+``torch.get_device_module().synchronize()`` (weight_updater.py:379), which raises "Found no NVIDIA
+driver" in the scheduler and kills the server (measured). Those calls are checked against the
+double (tests/unit/test_sglang_lifecycle.py); the rule it rests on, a resume of a tag never released
+kills the server, is checked here on the real one.
 """
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,10 +29,11 @@ from megatron_fipo.config import RolloutConfig, SGLangConfig
 from megatron_fipo.rollout.base import SamplingParams
 from megatron_fipo.rollout.embedded import EmbeddedEngine
 from megatron_fipo.rollout.sglang_engine import SGLangEngine
-from megatron_fipo.rollout.sglang_http import SGLangError, SGLangHTTP
+from megatron_fipo.rollout.sglang_http import SGLangError, SGLangHTTP, ServerUnavailable
 from megatron_fipo.rollout.sglang_weights import DiskTransport, DistributedTransport
 from megatron_fipo.testing import make_hf_checkpoint
 from tests.helpers.launch import free_port
+from tests.integration.sglang_handoff_worker import PROMPTS as WORKER_PROMPTS
 
 REPO = Path(__file__).resolve().parents[2]
 SGLANG_PYTHON = REPO / "tools" / "sglang_cpu" / "python"
@@ -51,12 +62,19 @@ def setup(tmp_path_factory):
     readers = [HFCheckpointReader(make_hf_checkpoint(root / f"hf{seed}", seed=seed)) for seed in (1, 2)]
     arch = readers[0].arch()
     names = hf_names(arch)
+    # SGLang's CPU engine sizes its pool from the host's free memory, which other processes move while
+    # it starts: at 0.05 a busy machine measured "no memory for the KV cache" (minimum 0.069).
+    # --max-total-tokens caps the KV cache whatever the fraction.
     cfg = RolloutConfig(engine="sglang", sglang=SGLangConfig(
-        python=str(SGLANG_PYTHON), base_port=free_port(), mem_fraction_static=0.05, extra_args=CPU_ARGS, api_key=API_KEY,
+        python=str(SGLANG_PYTHON), base_port=free_port(), mem_fraction_static=0.3, extra_args=CPU_ARGS, api_key=API_KEY,
         release_memory=False, weight_transport="tensor", sequences_per_request=2, startup_timeout_s=300,
         num_servers=2))
     engine = SGLangEngine(cfg, arch, root / "run")
-    engine.update_weights(_buckets(readers[0], names), version=0)  # launches the server from a snapshot
+    try:
+        engine.update_weights(_buckets(readers[0], names), version=0)  # launches the servers from a snapshot
+    except BaseException:
+        engine.shutdown()  # one that did start must not outlive the test
+        raise
     references = []
     for reader in readers:
         ref = EmbeddedEngine(arch)
@@ -151,3 +169,62 @@ def test_distributed_update_over_gloo(setup):
     transport.push(engine.servers, _buckets(readers[1], names), version=4)
     engine.update_weights([], version=4)
     _assert_same_greedy(_greedy(engine), _greedy(references[1]))
+
+
+def test_resuming_a_tag_never_released_kills_the_real_server(setup):
+    """SGLang 0.5.23's offload_tags.remove raises in the scheduler, which takes the server down (the
+    double's crash rule). The engine then recovers it."""
+    engine = setup[0]
+    server = engine.servers[0]
+    with pytest.raises(ServerUnavailable):
+        SGLangHTTP(server.url, API_KEY, timeout_s=120).post("/resume_memory_occupation", {"tags": ["weights"]})
+    server.proc.wait(timeout=60)
+    log = server.log_path.read_text(errors="replace")
+    assert "Scheduler hit an exception" in log and "KeyError: 'weights'" in log
+    engine._report_dead(0)
+    engine.wait_for_recoveries()
+    assert server.http.healthy() and server.restarts >= 1
+
+
+def _torchrun_nodes(script: Path, nodes: int, logs: Path, *args: str, timeout: int = 600) -> None:
+    """One torchrun per simulated node, one process each: the ranks see ``nodes`` nodes. Output goes to
+    files, not pipes: torch's shared-memory manager outlives a worker holding its pipes open."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    port = str(free_port())
+    procs = []
+    for k in range(nodes):
+        with open(logs / f"node{k}.log", "w") as out:
+            procs.append(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes),
+                                           "--node-rank", str(k), "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+                                           "--master-port", port, str(script), *args],
+                                          env=env, stdout=out, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if any(p.poll() not in (None, 0) for p in procs):
+            break  # one node failed: the others wait for it in a collective
+        time.sleep(1.0)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    for k, proc in enumerate(procs):
+        assert proc.wait() == 0, f"node {k} exited {proc.returncode}:\n{(logs / f'node{k}.log').read_text()[-6000:]}"
+
+
+def test_per_node_handoff_each_rank_loads_its_own_server(setup):
+    """Two trainer ranks on two (simulated) nodes, each loading the real server of its own node
+    with shared-memory handles: greedy output follows each update on both, and nothing is broadcast."""
+    engine, readers, references, names, arch, root = setup
+    urls = [server.url for server in engine.servers]
+    _torchrun_nodes(Path(__file__).parent / "sglang_handoff_worker.py", 2, root, str(root), API_KEY, *urls)
+    results = [json.loads((root / f"rank{k}.json").read_text()) for k in range(2)]
+    want = [[g[0].response_ids for g in ref.generate(WORKER_PROMPTS, n=1, sampling=GREEDY, seed=0)] for ref in references]
+    assert want[0] != want[1]
+    for k, result in enumerate(results):
+        assert result["sinks"] == [0, 1]
+        assert result["tensor_posts"] == [urls[k]]  # its own node's server, no other
+        assert result["tensor_post_count"] >= 4  # two pushes of several buckets each
+        assert result["broadcasts"] == []
+        for version, (greedy, tokens) in enumerate(zip(result["greedy"], want)):
+            assert greedy["tokens"] == tokens
+            assert set(greedy["version"]) == {str(version)}
