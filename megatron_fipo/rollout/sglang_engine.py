@@ -51,7 +51,8 @@ class SGLangEngine:
             self.transport = self.snapshots
         else:
             self.transport = DistributedTransport(self.cfg.host, self.cfg.weights_update_port, self.cfg.distributed_backend)
-        self.weight_version = -1  # none yet: managed servers start with the first update
+        self.weight_version = -1  # none yet
+        self.launched = False  # servers launched here start at the first generation phase
         # Which memory tags the servers keep resident (sglang_memory.py); fresh servers hold all.
         self.phase: Phase = "generate"
         self.in_flight = [0] * len(self.servers)
@@ -68,19 +69,28 @@ class SGLangEngine:
                 self.changed.wait()
 
     def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> None:
-        if self.weight_version < 0 and not self.external:
-            path = self.snapshots.write(buckets, version)
-            for server in self.servers:
-                server.start(str(path.resolve()))
-            for server in self.servers:
-                server.wait_healthy()
-            self._enter("update")  # the trainer's turn next: keep the weights, give back the rest
-            set_version(self.servers, version)
+        if not self.started:
+            # Launched servers start at the first generation phase, from the newest snapshot: by then
+            # the trainer has offloaded, so the two never hold the accelerator together.
+            self.snapshots.write(buckets, version)
         else:
             self.begin_update()
             self.transport.push(self.servers, buckets, version)
             self.end_update(version)
         self.weight_version = version
+
+    @property
+    def started(self) -> bool:
+        return self.external or self.launched
+
+    def _launch(self) -> None:
+        path, version = self.snapshots.latest
+        for server in self.servers:
+            server.start(str(path.resolve()))
+        for server in self.servers:
+            server.wait_healthy()
+        set_version(self.servers, version)
+        self.launched = True
 
     def begin_update(self) -> None:
         """Before a push: every server up (a dead one is recovered first) and its weights resident."""
@@ -110,6 +120,10 @@ class SGLangEngine:
 
     def _enter(self, phase: Phase) -> None:
         """Every server up and tracked, then holding what ``phase`` needs (sglang_memory.py)."""
+        if not self.started:
+            if phase == "generate":
+                self._launch()  # fresh servers hold every tag: what generation needs
+            return  # otherwise nothing runs yet, and the trainer may hold the accelerator
         self._check_servers()
         self.wait_for_recoveries()
         self.phase = phase
