@@ -60,7 +60,8 @@ def main() -> None:
         python=args.python, base_port=args.port, mem_fraction_static=0.05, extra_args=CPU_ARGS, release_memory=False))
     engine = SGLangEngine(cfg, arch, root / "run")
     try:
-        engine.update_weights(buckets, version=0)  # starts the server
+        engine.update_weights(buckets, version=0)
+        engine.resume()  # the first generation phase starts the server from that snapshot
         t_copy = time_fn(lambda: [t.clone() for _, t in named], repeats=3)
         print(f"model {total / 2**30:.2f} GiB fp32, {len(buckets)} buckets of <= {args.bucket_mb} MiB, "
               f"threads={torch.get_num_threads()}")

@@ -71,7 +71,8 @@ def setup(tmp_path_factory):
         num_servers=2))
     engine = SGLangEngine(cfg, arch, root / "run")
     try:
-        engine.update_weights(_buckets(readers[0], names), version=0)  # launches the servers from a snapshot
+        engine.update_weights(_buckets(readers[0], names), version=0)  # a snapshot
+        engine.resume()  # the first generation phase launches the servers from it
     except BaseException:
         engine.shutdown()  # one that did start must not outlive the test
         raise

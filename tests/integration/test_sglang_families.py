@@ -36,6 +36,11 @@ def served(request, tmp_path_factory):
     engine = SGLangEngine(cfg, arch, root / "run")
     # The server starts from the bridge's snapshot: its config.json is ModelArch.to_hf_config()'s.
     engine.update_weights([[(n, reader.read(n)) for n in hf_names(arch)]], version=0)
+    try:
+        engine.resume()  # the first generation phase launches the server from the snapshot
+    except BaseException:
+        engine.shutdown()  # a server that did start must not outlive the test
+        raise
     models = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for d in (hf_dir, update_dir)]
     yield engine, models, HFCheckpointReader(update_dir), arch
     engine.shutdown()
