@@ -176,5 +176,7 @@ def test_ctrl_c_while_the_run_starts_up_is_one_line(tmp_path):
     time.sleep(1.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
+    # 130, or death by SIGINT itself (seen once in CI: CPython re-raises an interrupt that landed in
+    # its own start-up); a shell reports both as 130.
+    assert proc.returncode in (130, -signal.SIGINT), err[-3000:]
     assert err.strip().splitlines()[-1] == "megatron-fipo train: interrupted" and "Traceback" not in err
