@@ -136,7 +136,7 @@ def megatron_params(lay: Layout, pp_rank: int) -> list[Param]:
     norm = pb if lay.spec == "te" else 4
     q_rows = a.num_attention_heads * a.head_dim // tp
     qkv_rows = q_rows + 2 * a.num_kv_heads * a.head_dim // tp
-    vocab = a.vocab_size // tp
+    vocab = a.padded_vocab_size(tp) // tp  # the actor's rows: TP pads a vocabulary it does not divide
     shared = a.tie_word_embeddings and lay.pp > 1
     first, last = pp_rank == 0, pp_rank == lay.pp - 1
     params = [Param("embedding.word_embeddings.weight", vocab * h, pb, shared)] if first else []
@@ -341,7 +341,7 @@ def logits_chunk_bytes(lay: Layout) -> int:
     sp = lay.tp if lay.sequence_parallel else 1
     local = -(-lay.tokens_per_microbatch // lay.cp) // sp
     rows = min(lay.logprob_chunk_size, max(local, 1)) * sp
-    return rows * (lay.arch.vocab_size // lay.tp) * (lay.params_bytes + 3 * 4)
+    return rows * (lay.arch.padded_vocab_size(lay.tp) // lay.tp) * (lay.params_bytes + 3 * 4)
 
 
 # ---- SGLang ----------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ from megatron_fipo.plan.memory import (
     check_fits,
     ddp_buffers,
     layout_from_config,
+    logits_chunk_bytes,
     max_mem_fraction_static,
+    megatron_params,
     optimizer_shard,
 )
 from megatron_fipo.validation import validate_launch, validate_memory
@@ -246,3 +248,13 @@ def test_tied_embedding_gets_its_own_bucket_on_a_pipeline_stage():
 def test_hardware_table_is_the_driver_totals():
     assert {name: g.memory_bytes // MiB for name, g in GPUS.items()} == {
         "h100-80gb": 81559, "h200-141gb": 143771, "b200": 183359, "gb200": 189471}
+
+
+def test_vocabulary_tp_does_not_divide_is_sized_padded_as_the_actor_builds_it():
+    # Vocab 1003 at TP=2: the actor pads to 1004 (model_arch.padded_vocab_size), 502 rows a rank.
+    ledger = ledger_of("qwen2.5-7b-fipo-h100.yaml")
+    arch = replace(ledger.layout.arch, vocab_size=1003)
+    lay = replace(ledger.layout, arch=arch)
+    params = {p.name: p.numel for p in megatron_params(lay, 0)}
+    assert params["embedding.word_embeddings.weight"] == params["output_layer.weight"] == 502 * 3584
+    assert logits_chunk_bytes(lay) == 512 * 2 * 502 * 14
