@@ -118,6 +118,10 @@ def cmd_launch(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    if not Path(args.source).exists():  # before torch and Megatron load: a typo costs no start-up time
+        print(f"megatron-fipo convert: {args.source}: no such file or directory; give the HF directory "
+              "(--to megatron) or the Megatron checkpoint / run's checkpoints directory (--to hf)", file=sys.stderr)
+        return 2
     from megatron_fipo.bridge.convert import ConvertConfig, convert
     from megatron_fipo.bridge.mapping import CheckpointMismatch
 

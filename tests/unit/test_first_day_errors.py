@@ -230,3 +230,12 @@ def test_eval_without_weights_or_checkpoint_says_what_to_give(tmp_path):
     assert_one_line_error(proc, f"eval needs weights: {tmp_path / 'never-trained'} has no checkpoint",
                           "actor.load_megatron=RUN_DIR/checkpoints", "actor.load_hf=HF_DIR")
     assert not torch_loaded and not (tmp_path / "out").exists()
+
+
+def test_convert_of_a_missing_source_fails_before_torch_loads(tmp_path):
+    proc, torch_loaded = run_cli("convert", "--to", "megatron", str(tmp_path / "Qwen2.5-32B"), str(tmp_path / "out"))
+    assert proc.returncode == 2 and not torch_loaded and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == (f"megatron-fipo convert: {tmp_path / 'Qwen2.5-32B'}: no such file or directory; "
+                                   "give the HF directory (--to megatron) or the Megatron checkpoint / run's "
+                                   "checkpoints directory (--to hf)")
+    assert not (tmp_path / "out").exists()
