@@ -9,6 +9,9 @@ the first trainer rank of every node loads its own node's servers through CUDA-I
 (``weight_transport=distributed``, its group's master on the head node). A server that exits is
 started again by the script; the trainer waits for it and re-forms its update group.
 
+Start-up order, colocated: servers, then (each healthy) every memory tag released, then torchrun,
+so that the trainer and SGLang's static pool never hold a GPU together (``release_block``).
+
 Preemption and the time limit: Slurm sends SIGTERM to the batch shell only (``--signal=B:``), which
 passes it to the trainer's step alone (torchrun and its workers), so the servers keep serving while
 the trainer finishes its step and checkpoints. torchrun exits 1 after a SIGTERM whatever the trainer's status, so a
@@ -17,13 +20,16 @@ preempted job ends FAILED unless ``launch.requeue`` requeues it to go on from th
 
 from __future__ import annotations
 
+import json
+import math
 import shlex
 import subprocess
 from pathlib import Path
 
-from megatron_fipo.config import RunConfig
+from megatron_fipo.config import RunConfig, SGLangConfig
 from megatron_fipo.launch import job_env, job_starts_servers, launch_dir, log_dir
-from megatron_fipo.rollout.sglang_server import server_command
+from megatron_fipo.rollout.sglang_memory import ALL_TAGS
+from megatron_fipo.rollout.sglang_server import RELEASED_VERSION, server_command, server_env
 
 
 def _directives(cfg: RunConfig, logs: Path) -> list[str]:
@@ -60,10 +66,10 @@ def _sglang_block(cfg: RunConfig, repo: str, logs: Path) -> list[str]:
     launch, sg = cfg.launch, cfg.rollout.sglang
     serve_first = launch.nodes - launch.sglang_nodes if launch.sglang_nodes else 0
     per_node = sg.num_servers // (launch.sglang_nodes or launch.nodes)  # validate_launch: it divides
-    release = cfg.rollout.placement == "colocated" and sg.release_memory
-    cmd = server_command(sg, cfg.actor.load_hf, "$node", "$port", release, base_gpu_id=f"$((j * {sg.tp_size}))")
+    cmd = server_command(sg, cfg.actor.load_hf, "$node", "$port", _releases(cfg), base_gpu_id=f"$((j * {sg.tp_size}))")
     # $node, $port and the GPU offset are loop variables of the batch shell; the rest is quoted.
     quoted = " ".join(a if a.startswith("$") else shlex.quote(a) for a in cmd)
+    env = "".join(f"{key}={shlex.quote(value)} " for key, value in server_env(_releases(cfg)).items())  # srun passes it on
     return [
         f"serve_nodes=(\"${{nodes[@]:{serve_first}}}\")",
         "urls=()",
@@ -74,7 +80,7 @@ def _sglang_block(cfg: RunConfig, repo: str, logs: Path) -> list[str]:
         # meanwhile and waits for it before the next update. The loop ends with the job.
         "    while true; do",
         # --overlap: servers of one node share its allocation, and colocated ones the trainer's too.
-        f"      {_srun(cfg, repo)} --overlap --nodes=1 --ntasks=1 -w \"$node\" {quoted} \\",
+        f"      {env}{_srun(cfg, repo)} --overlap --nodes=1 --ntasks=1 -w \"$node\" {quoted} \\",
         f"        >> {logs}/sglang-$node-$j.log 2>&1 || true",
         f'      echo "SGLang server $node:$port exited; starting it again" >> {logs}/sglang-$node-$j.log',
         "      sleep 10",
@@ -83,6 +89,53 @@ def _sglang_block(cfg: RunConfig, repo: str, logs: Path) -> list[str]:
         "  done",
         "done",
         'urls_yaml="[$(IFS=,; echo "${urls[*]}")]"',
+    ]
+
+
+def _releases(cfg: RunConfig) -> bool:
+    """Colocated servers give their memory to the trainer between phases (sglang_memory.py)."""
+    return cfg.rollout.placement == "colocated" and cfg.rollout.sglang.release_memory
+
+
+def release_block(sg: SGLangConfig, logs: Path) -> list[str]:
+    """Wait until each server in ``$urls`` is healthy, release all its memory tags by name, stamp
+    ``RELEASED_VERSION`` on it; all servers at once. The script goes on to torchrun only when every
+    server is done, and ends with an error naming ``rollout.sglang.startup_timeout_s`` otherwise.
+
+    Without it the trainer would start beside servers holding their whole static pool: at 32B
+    ~27 GB of trainer state and ~54 GB of SGLang (fraction 0.67) on an 80 GB GPU. The trainer's
+    handles start released (sglang_server.job_script_servers).
+
+    The restart loop does not release: a server it brings back holds every tag and reports version
+    ``default``; the trainer takes it for a new process at its next call and releases what its phase
+    does not need (sglang_engine.py). Released here as well, a server that came back during a
+    rollout would be routed requests with its memory gone, and the script's calls would race the
+    trainer's own.
+    """
+    curl = "curl -sf" + (f" -H {shlex.quote('Authorization: Bearer ' + sg.api_key)}" if sg.api_key else "")
+    post = f"{curl} -m 600 -H 'Content-Type: application/json' -d"
+    release = shlex.quote(json.dumps({"tags": list(ALL_TAGS)}))
+    stamp = shlex.quote(json.dumps({"new_version": RELEASED_VERSION, "abort_all_requests": False}))
+    return [
+        "release_server() {",
+        f"  local url=$1 deadline=$((SECONDS + {math.ceil(sg.startup_timeout_s)}))",
+        # Down or still loading: waited for. One that dies meanwhile comes back holding every tag.
+        f'  until {curl} -m 60 "$url/health" >/dev/null 2>&1 &&',
+        f'        {post} {release} "$url/release_memory_occupation" >/dev/null 2>&1; do',
+        "    if [ $SECONDS -ge $deadline ]; then",
+        f'      echo "SGLang server $url not healthy within rollout.sglang.startup_timeout_s={sg.startup_timeout_s} s;'
+        f' see its sglang-*.log in {logs}" >&2',
+        "      return 1",
+        "    fi",
+        "    sleep 2",
+        "  done",
+        f'  {post} {stamp} "$url/update_weight_version" >/dev/null ||',
+        '    { echo "SGLang server $url released its memory but its version could not be stamped" >&2; return 1; }',
+        "}",
+        "releases=()",
+        'for url in "${urls[@]}"; do release_server "$url" & releases+=($!); done',
+        'for pid in "${releases[@]}"; do wait "$pid"; done  # set -e: one that failed ends the job',
+        'echo "SGLang servers: every memory tag released; starting the trainer"',
     ]
 
 
@@ -99,6 +152,8 @@ def render_sbatch(cfg: RunConfig, config_path: str, repo: str) -> str:
     overrides = ""
     if servers:
         lines += _sglang_block(cfg, repo, logs)
+        if _releases(cfg):
+            lines += release_block(cfg.rollout.sglang, logs)
         overrides = ' \\"rollout.sglang.urls=$urls_yaml\\"'
         if cfg.rollout.placement == "disaggregated":
             # The broadcast group's rank 0 is the trainer's rank 0, on the head node (--node-rank below).

@@ -16,6 +16,9 @@ resumed, and each phase of the loop says which tags it needs resident:
 - ``train``: none, the trainer has the GPU;
 - ``update``: the weights, resident only to be overwritten (KV cache and CUDA graphs stay released);
 - ``generate`` (rollouts and eval): weights, KV cache and CUDA graphs.
+
+A new server holds every tag, except a colocated one a job script started: the script releases all
+of them before the trainer starts (launch/sbatch.py), so its handle starts with all released.
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ class ServerMemory:
     def restarted(self) -> None:
         """A (re)started server holds every tag."""
         self.released = set()
+
+    def all_released(self) -> None:
+        """Every tag given back: a colocated server the job script released before the trainer started."""
+        self.released = set(ALL_TAGS)
 
     def resident(self, tag: str) -> bool:
         return tag not in self.released

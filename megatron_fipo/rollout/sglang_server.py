@@ -17,6 +17,12 @@ from megatron_fipo.rollout.sglang_memory import ServerMemory
 
 log = logging.getLogger("megatron_fipo")
 
+# The weight version a job script stamps on a colocated server once it has released all its memory
+# tags (launch/sbatch.py). It reads as -1, the version samples of the job's initial weights carry
+# ("default" reads as -1 too), and a restarted process reports "default" instead: that is how the
+# trainer tells a released server from a new one.
+RELEASED_VERSION = "-1"
+
 
 def server_command(cfg: SGLangConfig, model_path: str, host: str, port: int | str, release_memory: bool,
                    base_gpu_id: int | str | None = None) -> list[str]:
@@ -36,6 +42,14 @@ def server_command(cfg: SGLangConfig, model_path: str, host: str, port: int | st
     return cmd + list(cfg.extra_args)
 
 
+def server_env(release_memory: bool) -> dict[str, str]:
+    """Environment variables for a server. One whose memory is released answers /health without a
+    generation: SGLang 0.5.23's /health runs a one-token request by default (http_server.py:721-785,
+    SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION), which on a GPU reads the memory a release unmapped.
+    It still answers 503 until the server's warmup is done."""
+    return {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "false"} if release_memory else {}
+
+
 class SGLangServer:
     """One server process; its stdout/stderr go to ``log_path`` (appended across restarts)."""
 
@@ -47,8 +61,8 @@ class SGLangServer:
         self.url = f"http://{cfg.host}:{self.port}"
         self.http = SGLangHTTP(self.url, cfg.api_key, cfg.request_timeout_s)
         self.memory = ServerMemory(lambda path, payload: self.http.post(path, payload), release_memory)
-        # The version last stamped on this process (set_version); None until then. A server that
-        # reports another one is a new process: a restart nobody saw.
+        # The version last stamped on this process (set_version, or the job script's RELEASED_VERSION);
+        # None until then. A server that reports another one is a new process: a restart nobody saw.
         self.weight_version: str | None = None
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
@@ -70,7 +84,7 @@ class SGLangServer:
         with open(self.log_path, "ab") as out:
             # Its own process group, so stop() also ends the scheduler and detokenizer children.
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1", **server_env(self.release_memory)})
 
     def new_process(self) -> None:
         """A (re)started server: every memory tag resident, no version stamped."""
@@ -134,10 +148,21 @@ def _signal_group(pgid: int, sig: int) -> bool:
 
 
 def job_script_servers(cfg: SGLangConfig, run_dir: Path, release_memory: bool, indices: Iterable[int]) -> list[SGLangServer]:
-    """Handles on servers another process started (``rollout.sglang.urls``): never started or stopped here."""
+    """Handles on servers another process started (``rollout.sglang.urls``): never started or stopped here.
+
+    Colocated (``release_memory``), the job script releases every memory tag of each server and then
+    stamps ``RELEASED_VERSION`` on it, before torchrun starts (launch/sbatch.py): the trainer then
+    starts with the GPUs to itself. So these handles start with every tag released and that version
+    stamped. A server that reports another version at the engine's first look (``_check_servers``),
+    such as one the job script's loop restarted meanwhile (a new process reports ``default``) or one
+    started by hand, is taken for a new process holding every tag, as after any restart.
+    """
     servers = []
     for i in indices:
         server = SGLangServer(cfg, i, run_dir / "sglang" / f"server-{i}.log", release_memory)
         server.url = server.http.url = cfg.urls[i].rstrip("/")
+        if release_memory:
+            server.memory.all_released()
+            server.weight_version = RELEASED_VERSION
         servers.append(server)
     return servers

@@ -8,6 +8,8 @@ import sys
 import threading
 from pathlib import Path
 
+from helpers.job_script import release_as_job_script
+
 from megatron_fipo.testing_sglang import SGLangDouble
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,15 +22,17 @@ def test_two_steps_with_eval_and_an_unseen_restart_make_only_legal_calls(tmp_pat
     doubles = [SGLangDouble(vocab_size=64) for _ in range(2)]
     restarted = doubles[1]
 
-    def restart_after_first_full_release(path: str) -> None:
+    def restart_after_the_trainers_first_full_release(path: str) -> None:
         # The job script brings server 1 back while the trainer holds the GPU: a fresh process holding
         # every tag and its initial weights. Resuming a tag on it would kill it (KeyError).
-        if path == f"/{REL}" and restarted.memory_calls.count((REL, ALL)) == 1 and not restarted.restarts:
+        if path == f"/{REL}" and restarted.memory_calls.count((REL, ALL)) == 2 and not restarted.restarts:
             threading.Timer(0.0, restarted.restart).start()
 
-    restarted.after_call = restart_after_first_full_release
+    restarted.after_call = restart_after_the_trainers_first_full_release
     log = tmp_path / "train.log"
     try:
+        # As the job script does before torchrun (launch/sbatch.py): every tag released, version stamped.
+        release_as_job_script([d.url for d in doubles])
         cmd = [sys.executable, "-m", "megatron_fipo.cli", "train", "examples/tiny_cpu.yaml", f"run_dir={tmp_path}/run",
                "rollout.engine=sglang", f"rollout.sglang.urls=[{doubles[0].url},{doubles[1].url}]",
                "rollout.sglang.release_memory=true", "rollout.sglang.startup_timeout_s=60",
@@ -45,14 +49,15 @@ def test_two_steps_with_eval_and_an_unseen_restart_make_only_legal_calls(tmp_pat
     text = log.read_text()
     assert proc.returncode == 0, text[-5000:]
     assert [d.crash for d in doubles] == [None, None]
-    # The loop (loop.py): sync v0, eval; per step a rollout, training, sync, eval. Generation phases
-    # (rollout, eval) give back everything when they end; a sync brings back the weights only.
-    sync_v0, after_sync, rollout = [(REL, REST)], [(RES, REST), (REL, ALL)], [(RES, ALL), (REL, ALL)]
+    # The job script's release, then the loop (loop.py): sync v0, eval; per step a rollout, training,
+    # sync, eval. Generation phases (rollout, eval) give back everything when they end; a sync brings
+    # back the weights only.
+    script, after_sync, rollout = [(REL, ALL)], [(RES, REST), (REL, ALL)], [(RES, ALL), (REL, ALL)]
     sync = [(RES, ["weights"])]
-    assert doubles[0].memory_calls == sync_v0 + after_sync + (rollout + sync + after_sync) * 2
+    assert doubles[0].memory_calls == script + sync + after_sync + (rollout + sync + after_sync) * 2
     # Server 1 came back after eval's release: the next rollout found a fresh process and resumed nothing.
     assert restarted.restarts == 1
-    assert restarted.memory_calls == sync_v0 + after_sync + [(REL, ALL)] + sync + after_sync + rollout + sync + after_sync
+    assert restarted.memory_calls == script + sync + after_sync + [(REL, ALL)] + sync + after_sync + rollout + sync + after_sync
     assert "restarted since version 0 was stamped on it" in text
     for d in doubles:
         assert d.weight_version == "2" and d.session is None

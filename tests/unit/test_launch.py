@@ -44,7 +44,9 @@ def test_32b_on_16_nodes_colocated():
     assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120" in text.splitlines()
     # Two TP=4 SGLang servers on each of the 16 nodes, on GPUs 0-3 and 4-7, bound to the node's name.
     assert 'serve_nodes=("${nodes[@]:0}")' in text and "$(seq 0 1)" in text
-    server = _line(_dedent(text), "srun --ntasks-per-node=1 --gpus-per-node=8 --overlap --nodes=1")
+    # Released servers answer /health without running a request on the memory they gave back.
+    server = _line(_dedent(text), "SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=false srun --ntasks-per-node=1 "
+                                  "--gpus-per-node=8 --overlap --nodes=1")
     assert "--tp-size 4" in server and "--base-gpu-id $((j * 4))" in server and "--host $node" in server
     assert "--model-path /models/Qwen2.5-32B" in server
     # SGLang's own venv, not the trainer's (.venv/bin/python, which has no SGLang).
@@ -68,6 +70,31 @@ def test_32b_on_16_nodes_colocated():
     assert "scontrol requeue" not in text and text.endswith("exit $status\n")
 
 
+def test_colocated_servers_release_every_tag_before_the_trainer_starts():
+    """Start-up order: servers (background restart loops), each healthy and released, then torchrun:
+    the trainer's 27.6 GB never meets SGLang's static pool (0.67 x 80 GB) on a GPU."""
+    lines = _dedent(_script("rollout.sglang.api_key=s3cret")).splitlines()
+    loops_started = lines.index('urls_yaml="[$(IFS=,; echo "${urls[*]}")]"')
+    define, call = lines.index("release_server() {"), lines.index(
+        'for url in "${urls[@]}"; do release_server "$url" & releases+=($!); done')
+    joined = lines.index('for pid in "${releases[@]}"; do wait "$pid"; done  # set -e: one that failed ends the job')
+    trainer = next(i for i, line in enumerate(lines) if line.startswith("srun ") and "--job-name=trainer" in line)
+    assert loops_started < define < call < joined < trainer
+    body = "\n".join(lines[define:call])
+    auth = "curl -sf -H 'Authorization: Bearer s3cret'"
+    # Health, then SGLang's three tags by name (never "all": sglang_memory.py), waited for up to the
+    # server start-up timeout; then the version that tells the trainer they start released.
+    assert f'until {auth} -m 60 "$url/health"' in body and "deadline=$((SECONDS + 600))" in body
+    tags = """'{"tags": ["weights", "kv_cache", "cuda_graph"]}'"""
+    assert f"""{auth} -m 600 -H 'Content-Type: application/json' -d {tags} "$url/release_memory_occupation" """ in body
+    stamp = """'{"new_version": "-1", "abort_all_requests": false}'"""
+    assert f'-d {stamp} "$url/update_weight_version"' in body
+    assert "rollout.sglang.startup_timeout_s=600.0 s; see its sglang-*.log in /runs/x/launch" in body
+    # The restart loop brings a server back holding every tag: not released there (the trainer does it).
+    loop = lines[lines.index("while true; do"):lines.index("done &") + 1]
+    assert not any("release_memory_occupation" in line for line in loop)
+
+
 def test_7b_on_4_nodes_runs_8_servers_per_node():
     text = _script(recipe="examples/qwen2.5-7b-fipo-h100.yaml")
     assert "#SBATCH --nodes=4" in text and "$(seq 0 7)" in text and "--base-gpu-id $((j * 1))" in text
@@ -85,7 +112,9 @@ def test_disaggregated_serves_on_the_last_nodes_and_trains_on_the_rest():
     # Disaggregated: trainer rank 0 broadcasts, as master of the group on the head node.
     assert ('\\"rollout.sglang.urls=$urls_yaml\\" rollout.sglang.weight_transport=distributed '
             "rollout.sglang.host=$head") in trainer
-    assert "--enable-memory-saver" not in text
+    # Servers on GPUs of their own keep their memory: nothing to release, at start or later.
+    assert "--enable-memory-saver" not in text and "release_memory_occupation" not in text
+    assert "SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION" not in text
 
 
 def test_single_node_leaves_the_servers_to_the_trainer_and_adds_containers():
@@ -112,7 +141,8 @@ def test_env_as_a_list_of_assignments():
 def test_container_flags_reach_the_servers_and_the_trainer_on_16_nodes():
     text = _script("launch.container_image=nvcr.io/nvidia/pytorch:25.09-py3", "launch.container_mounts=[/data:/data]")
     flags = "--container-image=nvcr.io/nvidia/pytorch:25.09-py3 --container-workdir=/repo --container-mounts=/data:/data"
-    server = _line(_dedent(text), "srun --ntasks-per-node=1 --gpus-per-node=8 --container-image")
+    server = _line(_dedent(text), "SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=false srun --ntasks-per-node=1 "
+                                  "--gpus-per-node=8 --container-image")
     assert flags in server and "sglang.launch_server" in server and "--overlap --nodes=1" in server
     trainer = _line(text, "srun ")
     assert flags in trainer and "--nnodes 16 --nproc-per-node 8" in trainer

@@ -18,6 +18,7 @@ from megatron_fipo.rollout.sglang_http import SGLangError, SGLangHTTP, ServerUna
 from megatron_fipo.rollout.sglang_memory import ServerMemory
 from megatron_fipo.rollout.sglang_weights import serialize_named_tensors
 from megatron_fipo.testing_sglang import SGLangDouble, weights_fingerprint
+from helpers.job_script import release_as_job_script, run_release_block
 from tests.helpers.launch import free_port
 
 ARCH = ModelArch.from_hf_config("examples/tiny_qwen2/config.json")
@@ -229,6 +230,8 @@ def _rl_steps(engine, steps=2):
 ])
 def test_rl_steps_make_only_legal_calls(doubles, tmp_path, placement, transport):
     servers = doubles(2)
+    if placement == "colocated":  # the job script gives every tag back before the trainer starts
+        release_as_job_script([d.url for d in servers])
     engine = _engine(servers, tmp_path, placement, transport)
     _rl_steps(engine)
     for d in servers:
@@ -237,8 +240,8 @@ def test_rl_steps_make_only_legal_calls(doubles, tmp_path, placement, transport)
             rest = ["kv_cache", "cuda_graph"]
             eval_after_sync = [(RES, rest), (REL, ALL)]
             step = [(RES, ALL), (REL, ALL), (RES, ["weights"])] + eval_after_sync  # rollout, train, sync, eval
-            # First sync: the weights stay for the trainer's turn, the rest goes.
-            assert d.memory_calls == [(REL, rest)] + eval_after_sync + step * 2
+            # The job script released all; the first sync brings back the weights alone.
+            assert d.memory_calls == [(REL, ALL), (RES, ["weights"])] + eval_after_sync + step * 2
         else:
             assert d.memory_calls == []  # disaggregated servers keep their memory
         assert d.calls.count("/begin_weight_update") == d.calls.count("/end_weight_update") == (
@@ -250,6 +253,7 @@ def test_a_server_restarted_unseen_between_phases_is_tracked_again(doubles, tmp_
     """The job script brought it back while the trainer trained: it holds every tag again, and a
     resume of its weights would kill it."""
     servers = doubles(2)
+    release_as_job_script([d.url for d in servers])
     engine = _engine(servers, tmp_path, "colocated", "tensor")
     engine.update_weights(_buckets(1.0), version=0)
     engine.resume()
@@ -287,6 +291,7 @@ def test_a_dead_job_script_server_is_waited_for_and_the_update_group_reformed(do
 
 def test_a_job_script_server_that_never_comes_back_fails_the_update_after_the_timeout(doubles, tmp_path, caplog):
     servers = doubles(2)
+    release_as_job_script([d.url for d in servers])
     engine = _engine(servers, tmp_path, "colocated", "tensor", startup_timeout_s=2.0)
     engine.update_weights(_buckets(1.0), version=0)
     servers[0].kill()
@@ -296,3 +301,67 @@ def test_a_job_script_server_that_never_comes_back_fails_the_update_after_the_ti
     assert 2.0 <= time.monotonic() - started < 30
     assert any("not healthy within rollout.sglang.startup_timeout_s=2.0 s" in r.getMessage() + str(r.exc_info)
                for r in caplog.records)
+
+
+# ---- start-up: the job script releases its colocated servers before the trainer starts ----------
+def test_the_job_script_waits_for_each_server_then_releases_every_tag_by_name(doubles):
+    """launch/sbatch.py's release step, run by bash: a server still down is waited for; each ends
+    with every tag released (named, SGLang's three) and the released version stamped."""
+    up, late = doubles(2, api_key="k3y")
+    late.kill()
+    threading.Timer(1.0, late.restart).start()  # still loading when the script starts
+    release_as_job_script([up.url, late.url], api_key="k3y", startup_timeout_s=30)
+    for d in (up, late):
+        assert d.crash is None and d.offload_tags == set(ALL) and d.weight_version == "-1"
+        assert d.memory_calls == [(REL, ALL)]
+        assert d.calls == [f"/{REL}", "/update_weight_version"]  # the double does not record /health
+    assert late.restarts == 1
+
+
+def test_the_job_script_stops_when_a_server_never_comes_up(doubles):
+    (gone,) = doubles(1)
+    gone.kill()
+    out = run_release_block([gone.url], startup_timeout_s=1)
+    assert out.returncode != 0
+    assert (f"SGLang server {gone.url} not healthy within rollout.sglang.startup_timeout_s=1 s; "
+            "see its sglang-*.log in /logs") in out.stderr
+
+
+def test_a_server_restarted_before_the_trainers_first_call_is_taken_for_a_new_process(doubles, tmp_path, caplog):
+    """The restart loop does not release (sbatch.py release_block): a server it brought back between
+    the script's release and the trainer's first update holds every tag and reports version default.
+    The engine releases what the update does not need and resumes nothing on it."""
+    fresh, released = doubles(2)
+    release_as_job_script([fresh.url, released.url])
+    fresh.restart()
+    with caplog.at_level(logging.WARNING, logger="megatron_fipo"):
+        _rl_steps(_engine([fresh, released], tmp_path), steps=1)
+    assert any("restarted since version -1 was stamped" in r.getMessage() for r in caplog.records)
+    assert [d.crash for d in (fresh, released)] == [None, None]
+    rest = ["kv_cache", "cuda_graph"]
+    assert fresh.memory_calls[:2] == [(REL, ALL), (REL, rest)]  # the script's, then the update's on the new process
+    assert released.memory_calls[:2] == [(REL, ALL), (RES, ["weights"])]
+    assert fresh.memory_calls[2:] == released.memory_calls[2:]
+
+
+def test_a_server_restarted_during_a_rollout_holds_every_tag_until_the_trainers_turn(doubles, tmp_path):
+    """Killed mid-rollout and brought back by the job script's loop, not released by it: the engine
+    routes around it, may route to it again once it is back (it holds every tag, and its samples say
+    they come from the job's initial weights), and at the end of the generation phase releases all
+    of its tags."""
+    servers = doubles(2)
+    release_as_job_script([d.url for d in servers])
+    engine = _engine(servers, tmp_path)
+    engine.update_weights(_buckets(1.0), version=0)
+    engine.resume()
+    servers[0].kill()
+    threading.Timer(1.0, servers[0].restart).start()
+    assert len(_greedy(engine)) == len(PROMPTS)
+    engine.pause()  # waits for the restarted server, then releases it
+    assert servers[0].restarts == 1 and servers[0].offload_tags == set(ALL)
+    before = len(servers[0].memory_calls)
+    engine.update_weights(_buckets(2.0), version=1)
+    _generation(engine, 2.0, 1)
+    assert [d.crash for d in servers] == [None, None]
+    assert servers[0].memory_calls[before - 1:] == [(REL, ALL), (RES, ["weights"]), (RES, ["kv_cache", "cuda_graph"]),
+                                                    (REL, ALL)]
