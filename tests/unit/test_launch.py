@@ -7,6 +7,10 @@ import pytest
 from megatron_fipo.config import RunConfig
 from megatron_fipo.config_base import ConfigError, load_config
 from megatron_fipo.launch.sbatch import render_sbatch
+from megatron_fipo.model_arch import ModelArch
+from megatron_fipo.plan.layouts import config_estimate, workload_from_config
+from megatron_fipo.plan.memory import build_ledger, layout_from_config
+from megatron_fipo.plan.step_time import default_efficiency, device
 from megatron_fipo.validation import validate_launch
 
 RECIPE_32B = "examples/qwen2.5-32b-fipo-h100.yaml"
@@ -39,9 +43,9 @@ def test_32b_on_16_nodes_colocated():
     directives = [line for line in text.splitlines() if line.startswith("#SBATCH")]
     assert directives == ["#SBATCH --job-name=megatron-fipo", "#SBATCH --nodes=16", "#SBATCH --ntasks-per-node=1",
                           "#SBATCH --time=24:00:00", "#SBATCH --output=/runs/x/launch/slurm-%j.out",
-                          "#SBATCH --open-mode=append", "#SBATCH --signal=B:TERM@120", "#SBATCH --gpus-per-node=8",
+                          "#SBATCH --open-mode=append", "#SBATCH --signal=B:TERM@1200", "#SBATCH --gpus-per-node=8",
                           "#SBATCH --partition=batch", "#SBATCH --account=rl"]
-    assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120" in text.splitlines()
+    assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=1200" in text.splitlines()
     # Two TP=4 SGLang servers on each of the 16 nodes, on GPUs 0-3 and 4-7, bound to the node's name.
     assert 'serve_nodes=("${nodes[@]:0}")' in text and "$(seq 0 1)" in text
     # Released servers answer /health without running a request on the memory they gave back.
@@ -93,6 +97,25 @@ def test_colocated_servers_release_every_tag_before_the_trainer_starts():
     # The restart loop brings a server back holding every tag: not released there (the trainer does it).
     loop = lines[lines.index("while true; do"):lines.index("done &") + 1]
     assert not any("release_memory_occupation" in line for line in loop)
+
+
+def test_the_32b_notice_covers_a_stop_just_after_the_rollout():
+    """From SIGTERM to a written checkpoint at worst: the step's old-logprob pass and every mini-batch
+    (the planner's estimates), then a checkpoint (the ledger's bytes per GPU, a node's worth over the
+    planner's file-system bandwidth), with the planner's training sped up by as much as it outran
+    NeMo-RL's measured 32B step (676 vs 571 tokens/s/GPU, docs/planner.md)."""
+    cfg = _cfg()
+    arch = ModelArch.from_hf_config(cfg.actor.model_config)
+    dev = device(cfg.launch.gpu_type)
+    eff = default_efficiency(dev)
+    estimate, _ = config_estimate(cfg, arch, dev, workload_from_config(cfg), eff, cfg.launch.gpus_per_node)
+    phase = {p.name: p.seconds for p in estimate.phases}
+    ledger = build_ledger(layout_from_config(cfg, arch, cfg.launch.training_world_size, dev))
+    checkpoint = ledger.checkpoint_bytes_per_gpu * cfg.launch.nproc_per_node / eff.fs_bandwidth_per_node
+    assert checkpoint == 11_264_171_776 * 8 / 5e9  # 18.0 s
+    drain = phase["old_logprob"] + phase["train"] + checkpoint
+    assert drain == pytest.approx(826.4, abs=0.5)  # the figures in the recipe's comment
+    assert drain * 676 / 571 < cfg.launch.preempt_notice_s == 1200 < 1.25 * drain * 676 / 571
 
 
 def test_7b_on_4_nodes_runs_8_servers_per_node():
