@@ -118,8 +118,9 @@ class TrainerSections:
 
 @dataclass
 class DataConfig:
-    # arithmetic: the tiny CPU job's synthetic task; dapo_math: DAPO-Math-17k, AIME eval
-    task: Literal["arithmetic", "dapo_math"] = "dapo_math"
+    # arithmetic: the tiny CPU job's synthetic task; dapo_math: DAPO-Math-17k, AIME eval;
+    # chain_arithmetic: sums of one-digit terms, warm-started on a short and a worked form (FIPO vs DAPO)
+    task: Literal["arithmetic", "dapo_math", "chain_arithmetic"] = "dapo_math"
     train_path: str = ""  # DAPO-Math-17k parquet/jsonl (task dapo_math)
     eval_path: str = ""  # AIME24/25 jsonl (task dapo_math)
     # A malformed row: skipped with a warning naming file and line, or fatal
@@ -135,6 +136,11 @@ class DataConfig:
     # False: the eval problems are held out of training. True: a fixed sample of the training
     # problems (the tiny job measures how much RL improves the policy, not generalization).
     arithmetic_eval_from_train: bool = False
+    chain_problems: int = 2000  # chain_arithmetic: distinct problems drawn (eval_size of them held out)
+    chain_min_terms: int = 3  # chain_arithmetic: fewest one-digit terms in a problem (at least 2)
+    chain_max_terms: int = 6  # chain_arithmetic: most terms (a worked answer takes about 8 tokens a term)
+    # chain_arithmetic: 0 = one-digit terms, plain sums; m = terms 0..m-1, sums mod m (2: parity of bits)
+    chain_modulus: int = 0
     # Your own prompt for training and eval problems: "package.module:function" called as
     # function(problem) -> prompt text or chat messages; see megatron_fipo/hooks.py
     custom_prompt: str = ""
@@ -142,6 +148,16 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.task == "dapo_math" and self.tokenizer == "sentencepiece" and not self.tokenizer_path:
             raise ConfigError("data.tokenizer_path: task dapo_math needs a tokenizer; sentencepiece is trained only for arithmetic")
+        if self.task == "chain_arithmetic":
+            if not 2 <= self.chain_min_terms <= self.chain_max_terms:
+                raise ConfigError("data.chain_min_terms / data.chain_max_terms: need 2 <= min <= max, got "
+                                  f"{self.chain_min_terms} and {self.chain_max_terms}")
+            if self.chain_modulus < 0 or self.chain_modulus == 1 or self.chain_modulus > 10:
+                raise ConfigError(f"data.chain_modulus: {self.chain_modulus}; give 0 (plain sums) or 2..10")
+            distinct = sum((self.chain_modulus or 10) ** k for k in range(self.chain_min_terms, self.chain_max_terms + 1))
+            if not self.eval_size < self.chain_problems <= distinct:
+                raise ConfigError(f"data.chain_problems: {self.chain_problems} must exceed data.eval_size ({self.eval_size}) "
+                                  f"and be at most the {distinct} distinct problems of that many terms")
 
 
 @dataclass
@@ -163,8 +179,10 @@ class SGLangConfig:
     weights_update_port: int = 29700  # Rendezvous port of that process group
     # Colocated: release weights and KV cache while the trainer runs (needs CUDA).
     release_memory: bool = True
-    sequences_per_request: int = 32  # Sequences per HTTP request to a server
-    max_concurrency: int = 256  # sequences in flight across all servers
+    sequences_per_request: int = 32  # Unused since requests are one prompt group each (n samples, one server)
+    max_concurrency: int = 256  # sequences in flight across all servers, at most (each server also at most its capacity)
+    # Sequences one server runs at once (SGLang's --max-running-requests); 0 = ask each server (/server_info)
+    max_running_requests: int = 0
     max_retries: int = 3  # per request, each on the then least-loaded server
     request_timeout_s: float = 3600.0  # Time limit of one request
     startup_timeout_s: float = 600.0  # Time a server may take to come up
@@ -175,6 +193,9 @@ class SGLangConfig:
                 raise ConfigError(f"rollout.sglang.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_retries < 0:
             raise ConfigError(f"rollout.sglang.max_retries must be >= 0, got {self.max_retries}")
+        if self.max_running_requests < 0:
+            raise ConfigError(f"rollout.sglang.max_running_requests must be >= 0 (0: ask the server), "
+                              f"got {self.max_running_requests}")
 
 
 @dataclass
@@ -189,6 +210,9 @@ class RolloutConfig:
     top_k: int = -1  # Top-k sampling; -1 = off
     max_response_length: int = 20480  # Tokens generated at most per response
     max_batch: int = 256  # embedded engine: sequences decoded together
+    # Aborted responses (the step had its groups) continue next step from their prefix, keeping their
+    # tokens, behaviour logprobs and weight versions (APRIL, slime --partial-rollout); off in the paper's recipe
+    partial_rollouts: bool = False
     bridge_bucket_mb: int = 512  # Weight sync: size of each bucket of HF-named tensors sent to the engines
     eval_n_samples: int = 32  # k of avg@k: samples per eval problem
     eval_temperature: float = 1.0  # Sampling temperature of eval
@@ -214,6 +238,13 @@ class RewardConfig:
     # Your own reward instead of math-verify: "package.module:function" called as
     # function(response, answer, problem) -> score or (score, correct); see megatron_fipo/hooks.py
     custom_reward: str = ""
+    # Processes scoring on rank 0 while generation runs; a worker past timeout_seconds + 0.5 s (a
+    # custom reward too) is killed and the sample scores as a timeout. 0 = in the trainer, serially
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"reward.num_workers must be >= 0 (0 scores in the trainer process), got {self.num_workers}")
 
 
 @dataclass
@@ -238,6 +269,9 @@ class TrainerConfig:
     seed: int = 1234  # Data order and sampling seeds
     tensorboard: bool = True  # TensorBoard events in RUN_DIR/tensorboard
     wandb_project: str = ""  # Weights & Biases project; empty = off. Needs scripts/setup_env.sh requirements-wandb.txt
+    # Asynchronous rollouts: the engines draw the next steps' batches while the trainer trains, each
+    # sample at most this many weight updates old (docs/async-rollouts.md); 0 = the synchronous loop
+    max_staleness: int = 0
 
     def __post_init__(self) -> None:
         if self.prompts_per_step % self.minibatch_prompts:
@@ -247,6 +281,8 @@ class TrainerConfig:
             )
         if self.gen_prompts_per_batch < 1 or self.max_gen_batches < 1:
             raise ConfigError("trainer.gen_prompts_per_batch and trainer.max_gen_batches must be >= 1")
+        if self.max_staleness < 0:
+            raise ConfigError(f"trainer.max_staleness must be >= 0 (0: synchronous rollouts), got {self.max_staleness}")
 
 
 @dataclass
@@ -276,7 +312,9 @@ class LaunchConfig:
     # time-limited run goes on from its checkpoint.
     requeue: bool = False
     # Slurm sends SIGTERM this long before the time limit, and torchrun gives the trainer as long to
-    # finish its step and checkpoint before it kills it.
+    # finish its step and checkpoint before it kills it. Enough for small jobs; a large one needs its
+    # worst case, a stop just after the rollout's last safe point: the old-logprob pass, every
+    # mini-batch and a checkpoint (`megatron-fipo plan --explain`; the 32B recipe sets 1200).
     preempt_notice_s: int = 120
     # NeMo-Run's Slurm executor reaches the cluster through this tunnel: local (on a login node) or ssh.
     tunnel: Literal["local", "ssh"] = "local"
@@ -323,3 +361,14 @@ class RunConfig(TrainerSections):
     reward: RewardConfig = field(default_factory=RewardConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def __post_init__(self) -> None:
+        k = self.trainer.max_staleness
+        if k and self.rollout.engine == "sglang" and self.rollout.placement == "colocated":
+            raise ConfigError(f"trainer.max_staleness={k} needs engines that generate while the trainer trains: "
+                              "colocated SGLang servers share its GPUs; set rollout.placement=disaggregated "
+                              "(servers on GPUs of their own) or trainer.max_staleness=0")
+        if k and self.actor.offload:
+            raise ConfigError(f"trainer.max_staleness={k}: actor.offload hands the GPUs to the engines only between "
+                              "training phases, and asynchronous rollouts generate during them; set actor.offload=false "
+                              "or trainer.max_staleness=0")
