@@ -35,6 +35,9 @@ class FIPOConfig:
     # The paper's Eq. 5 masks only negative-advantage tokens above c out of Future-KL; the official
     # code masks every token above c. False follows the code.
     future_kl_mask_negative_only: bool = False
+    # Truncated importance sampling against the rollout engine's logprobs (slime --use-tis, verl's
+    # tis_imp_ratio_cap): each token's loss is multiplied by min(pi_old / pi_rollout, tis_cap). 0 = off.
+    tis_cap: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("clip_ratio_low", "clip_ratio_high", "influence_clip"):
@@ -46,6 +49,9 @@ class FIPOConfig:
             raise ValueError(
                 f"dual_clip_c ({self.dual_clip_c}) must exceed 1 + clip_ratio_high ({1 + self.clip_ratio_high})"
             )
+        if self.tis_cap != 0 and not self.tis_cap >= 1:
+            raise ValueError(f"tis_cap must be 0 (off) or >= 1 (a cap below 1 would shrink every on-policy token's "
+                             f"loss), got {self.tis_cap}")
         for name in ("decay_rate", "safety_threshold", "logratio_clamp"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
