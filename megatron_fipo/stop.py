@@ -51,5 +51,10 @@ class StopFlag:
         return (bool(self.agreed), *(bool(v) for v in values[1:].tolist()))
 
     @property
+    def group(self):
+        """The gloo group of every rank (None in one process); other CPU-side collectives reuse it."""
+        return self._group
+
+    @property
     def name(self) -> str:
         return signal.Signals(self.agreed).name if self.agreed else ""
