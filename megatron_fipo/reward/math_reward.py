@@ -109,3 +109,15 @@ class MathReward:
         except _CheckTimeout:
             return RewardResult(self.wrong_score, "timeout", answer)
         return RewardResult(self.correct_score if ok else self.wrong_score, "correct" if ok else "wrong", answer)
+
+
+# The first check of a form loads its part of math-verify's parser and fills sympy's caches: seconds
+# on a busy host. Each reward worker pays it with warm_up before its first sample's clock starts.
+_COMMON_FORMS = [("Answer: 1/2", "0.5"), ("\\boxed{\\frac{1}{2}}", "1/2"), ("Answer: \\{2, 1\\}", "\\{1,2\\}"),
+                 ("Answer: 2\\sqrt{2}", "\\sqrt{8}"), ("Answer: x^{2}+1", "1+x^2"), ("Answer: [0, 1)", "[0,1)")]
+
+
+def warm_up() -> None:
+    check = MathReward(timeout_seconds=0)
+    for response, truth in _COMMON_FORMS:
+        check(response, truth)
