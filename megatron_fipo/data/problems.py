@@ -11,6 +11,8 @@ class Problem:
     messages: tuple[dict, ...]  # chat messages; the tokenizer renders them into the prompt
     answer: str  # ground truth, checked by math-verify
     source: str = ""
+    # Warm-start targets (a task that teaches several forms of the answer); empty: the answer itself
+    references: tuple[str, ...] = ()
 
 
 class ProblemStream:

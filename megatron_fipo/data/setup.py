@@ -9,13 +9,15 @@ trainer saves it with the run (``DataBundle.save``).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 from megatron_fipo.config import RunConfig
 from megatron_fipo.config_base import ConfigError
 from megatron_fipo.data.arithmetic import arithmetic_problems, split_eval, tokenizer_corpus
+from megatron_fipo.data.chain_arithmetic import chain_problems, chain_tokenizer_corpus
 from megatron_fipo.data.math_datasets import INSTRUCTIONS, load_problems
 from megatron_fipo.data.problems import Problem, ProblemStream
 from megatron_fipo.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
@@ -36,6 +38,7 @@ class DataBundle:
     too_long: int  # prompts dropped for exceeding data.max_prompt_length
     trained_tokenizer: Optional[SentencePieceTokenizer] = None  # trained for this run, not yet saved
     custom_prompt: Optional[Callable] = None  # data.custom_prompt: problem -> text, or chat messages
+    reference_rng: random.Random = field(default_factory=lambda: random.Random(0))  # picks among references
 
     def prompt_ids(self, problem: Problem) -> list[int]:
         """Training, warm-start and eval prompts alike."""
@@ -43,8 +46,10 @@ class DataBundle:
         return self.tokenizer.encode(prompt if isinstance(prompt, str) else self.tokenizer.render_prompt(prompt))
 
     def answer_ids(self, problem: Problem) -> list[int]:
-        """Reference response for the supervised warm start: the answer, then end of sequence."""
-        return self.tokenizer.encode(problem.answer) + [self.tokenizer.eos_id]
+        """Reference response for the supervised warm start, then end of sequence: the answer, or one of
+        the problem's references drawn uniformly (a task that teaches several forms)."""
+        text = self.reference_rng.choice(problem.references) if problem.references else problem.answer
+        return self.tokenizer.encode(text) + [self.tokenizer.eos_id]
 
     def save(self, run_dir: Path) -> None:
         """Keep a tokenizer trained for this run with it, for resume, eval and convert (rank 0, once the
@@ -82,6 +87,10 @@ def _problems(cfg: RunConfig) -> tuple[list[Problem], list[Problem], list[str]]:
         problems = arithmetic_problems(d.arithmetic_max_operand)
         train, evals = split_eval(problems, d.eval_size, cfg.trainer.seed)
         return (problems if d.arithmetic_eval_from_train else train), evals, tokenizer_corpus(problems)
+    if d.task == "chain_arithmetic":
+        problems = chain_problems(d.chain_problems, d.chain_min_terms, d.chain_max_terms, 0, d.chain_modulus)
+        train, evals = split_eval(problems, d.eval_size, cfg.trainer.seed)
+        return (problems if d.arithmetic_eval_from_train else train), evals, chain_tokenizer_corpus(problems)
     train, _ = load_problems(d.train_path, "dapo_math", d.on_bad_row)
     evals, _ = load_problems(d.eval_path, "aime", d.on_bad_row, INSTRUCTIONS[cfg.reward.answer_format])
     return train, evals, []
@@ -118,4 +127,5 @@ def setup_data(cfg: RunConfig, arch: ModelArch) -> DataBundle:
     if bundle.too_long:
         log.warning("%d prompts longer than data.max_prompt_length=%d were dropped", bundle.too_long, d.max_prompt_length)
     bundle.train_stream = ProblemStream(bundle.train_problems, cfg.trainer.seed)
+    bundle.reference_rng.seed(cfg.trainer.seed)
     return bundle
