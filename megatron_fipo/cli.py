@@ -188,6 +188,12 @@ def _quiet_libraries() -> None:
         warnings.filterwarnings("ignore", category=category, module=r"(torch|megatron|transformers)(\.|$)")
 
 
+def _cmd_compare(args) -> int:
+    from megatron_fipo.compare import cmd_compare
+
+    return cmd_compare(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     parser = argparse.ArgumentParser(prog="megatron-fipo", description=__doc__)
@@ -252,6 +258,20 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--response-mean", type=float, default=None, help="assumed mean response tokens")
     plan.add_argument("--keep-fraction", type=float, default=None, help="assumed fraction of groups dynamic sampling keeps")
     plan.set_defaults(func=cmd_plan)
+    compare = sub.add_parser("compare", help="the same config under fipo and dapo over several seeds, one run after "
+                             "another (finished runs skipped), then a side-by-side report (PNG + markdown)")
+    compare.add_argument("config", help="YAML config, e.g. examples/tiny_cpu_chain.yaml")
+    compare.add_argument("overrides", nargs="*", help="key=value overrides for every run (not actor.loss, seeds or run_dir)")
+    compare.add_argument("--algos", default="fipo,dapo", help="comma-separated losses (actor.loss)")
+    compare.add_argument("--seeds", type=int, default=3, help="seeds per loss")
+    compare.add_argument("--first-seed", type=int, default=1, help="seeds are first-seed, first-seed + 1, ...")
+    compare.add_argument("--out", default="", help="directory of the runs and the report (default RUN_DIR-compare)")
+    compare.add_argument("--backend", choices=["local", "slurm", "nemo-run"], default="local",
+                         help="local: train here; slurm / nemo-run: submit each run with `megatron-fipo launch`")
+    compare.add_argument("--jobs", type=int, default=1, help="local runs at a time (each uses all its threads)")
+    compare.add_argument("--dry-run", action="store_true", help="print the runs' commands, run nothing")
+    compare.add_argument("--report-only", action="store_true", help="write the report from the finished runs")
+    compare.set_defaults(func=_cmd_compare)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
