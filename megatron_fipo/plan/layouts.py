@@ -89,7 +89,8 @@ def step_layout(cfg: RunConfig, dev: GPU, train_gpus: int, gpus_per_node: int, k
         params_bytes=2 if actor.precision == "bf16" else 4, fp8=actor.fp8 is not None,
         engine_tp=engine_tp, engines=engines, concurrency=concurrency(cfg, kv_tokens, wl, engines),
         continuous_batching=sglang, prefix_sharing=sglang, colocated=colocated,
-        transport=r.sglang.weight_transport if sglang else "inprocess", gpus_per_node=gpus_per_node)
+        transport=r.sglang.weight_transport if sglang else "inprocess", gpus_per_node=gpus_per_node,
+        max_staleness=cfg.trainer.max_staleness)
 
 
 # ---- candidates ---------------------------------------------------------------------------------
@@ -109,6 +110,9 @@ def _divisors(n: int, limit: int) -> list[int]:
 
 def _with(cfg: RunConfig, **changes) -> RunConfig:
     """A copy of the config with dotted keys changed (sections are dataclasses)."""
+    if changes.get("rollout__placement") == "colocated" or changes.get("actor__offload"):
+        # Engines sharing the trainer's GPUs cannot generate while it trains: such a layout is synchronous.
+        changes = {"trainer__max_staleness": 0, **changes}
     sections: dict[str, dict] = {}
     for key, value in changes.items():
         section, name = key.split("__", 1)

@@ -250,6 +250,9 @@ class StepLayout:
     colocated: bool = True
     transport: Literal["tensor", "distributed", "disk", "inprocess"] = "tensor"
     gpus_per_node: int = 8
+    # trainer.max_staleness: > 0 with engines on GPUs of their own, the rollout of the next step
+    # overlaps the trainer's passes (docs/async-rollouts.md)
+    max_staleness: int = 0
 
     @property
     def train_gpus(self) -> int:
@@ -296,8 +299,18 @@ class StepEstimate:
         return next(p for p in self.phases if p.name == name)
 
     @property
+    def overlapped(self) -> bool:
+        """Asynchronous rollouts on engines of their own: the next step's rollout runs during this
+        step's old-logprob and train passes; the weight sync and the checkpoint wait for both."""
+        return self.layout.max_staleness > 0 and not self.layout.colocated
+
+    @property
     def seconds(self) -> float:
-        return sum(p.seconds for p in self.phases)
+        if not self.overlapped:
+            return sum(p.seconds for p in self.phases)
+        overlapped = ("rollout", "old_logprob", "train")
+        trainer = self.phase("old_logprob").seconds + self.phase("train").seconds
+        return max(self.phase("rollout").seconds, trainer) + sum(p.seconds for p in self.phases if p.name not in overlapped)
 
     @property
     def samples_per_hour(self) -> float:
@@ -316,6 +329,9 @@ class StepEstimate:
 
     def explain(self) -> str:
         lines = [f"step {self.seconds:.2f} s (model estimate)"]
+        if self.overlapped:
+            lines.append(f"  asynchronous (max_staleness {self.layout.max_staleness}): max(rollout, old_logprob + train)"
+                         " + sync + checkpoint")
         for ph in self.phases:
             lines.append(f"  {ph.name:<12} {ph.seconds:10.3f} s")
             for t in ph.terms:
