@@ -102,9 +102,10 @@ def release_block(sg: SGLangConfig, logs: Path) -> list[str]:
     ``RELEASED_VERSION`` on it; all servers at once. The script goes on to torchrun only when every
     server is done, and ends with an error naming ``rollout.sglang.startup_timeout_s`` otherwise.
 
-    Without it the trainer would start beside servers holding their whole static pool: at 32B
-    ~27 GB of trainer state and ~54 GB of SGLang (fraction 0.67) on an 80 GB GPU. The trainer's
-    handles start released (sglang_server.job_script_servers).
+    Without it the trainer would start beside servers holding every tag: for the 32B recipe the
+    ledger counts 28.75 GiB of trainer state and context next to 68.03 GiB of SGLang, 96.8 of an
+    H100's 79.6 GiB (docs/memory-ledger.md, "Start-up"). The trainer's handles start released
+    (sglang_server.job_script_servers).
 
     The restart loop does not release: a server it brings back holds every tag and reports version
     ``default``; the trainer takes it for a new process at its next call and releases what its phase
