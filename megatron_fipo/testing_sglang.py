@@ -8,6 +8,11 @@ a fingerprint of the loaded weights, so the output follows every weight update; 
 the model is imitated. The real CPU server checks the same call sequences where it can run them
 (tests/integration/test_sglang_engine.py).
 
+With a ``DecodeTiming`` (testing_sglang_timing.py) it also takes the time a server takes: sequence
+slots, a waiting queue, a decode step timed by the running sequences, long-tailed response lengths,
+and aborts that return the tokens made so far; tools/bench_rollout_scale.py runs 32 such servers in
+one process. Without one it answers as soon as ``generate_delay_s`` has passed.
+
 Each rule cites the line of the installed SGLang 0.5.23 (``sglang/srt/...`` in .venv-sglang) it
 mirrors. A call SGLang refuses ends one of three ways, as there:
 
@@ -29,6 +34,7 @@ import json
 import pickle
 import threading
 import time
+import uuid
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -36,8 +42,14 @@ from typing import Callable
 
 import torch
 
+from megatron_fipo.testing_sglang_timing import DecodeScheduler, DecodeTiming, Sequence
+
 ALL_TAGS = ("weights", "kv_cache", "cuda_graph")  # constants.py: GPU_MEMORY_ALL_TYPES
 SRC = "sglang/srt/"
+VERSION = "0.5.23"
+# An untimed double has no slots and reports this many (SGLang sizes the pool from GPU memory when
+# --max-running-requests is not given); a timed double reports its DecodeTiming's slots.
+DEFAULT_MAX_RUNNING_REQUESTS = 4096
 
 
 class _Refused(Exception):
@@ -49,7 +61,12 @@ class SGLangDouble:
     process back on the same port (as a job script's restart loop does), holding ``weights`` again."""
 
     def __init__(self, weights: dict[str, torch.Tensor] | None = None, tp_size: int = 1, vocab_size: int = 1000,
-                 generate_delay_s: float = 0.0, api_key: str = ""):
+                 generate_delay_s: float = 0.0, api_key: str = "", timing: DecodeTiming | None = None):
+        if timing is not None and generate_delay_s:
+            raise ValueError("SGLangDouble: give generate_delay_s or timing, not both")
+        self.timing = timing
+        self.decoder: DecodeScheduler | None = None
+        self._logprob_json = [f"[-0.5,{t},null]" for t in range(vocab_size)] if timing is not None else []
         self.initial = dict(weights or {})
         self.tp_size, self.vocab_size = tp_size, vocab_size
         self.generate_delay_s = generate_delay_s
@@ -80,6 +97,8 @@ class SGLangDouble:
         self.weight_version = "default"
         self.groups: dict[str, object] = {}
         self.crash: str | None = None
+        # A new process has a new scheduler: nothing queued or running survives a restart.
+        self.decoder = DecodeScheduler(self.timing, str(self.restarts)) if self.timing is not None else None
         handler = type("Handler", (_Handler,), {"double": self})
         self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
         self._httpd.daemon_threads = True
@@ -89,6 +108,8 @@ class SGLangDouble:
     def kill(self) -> None:
         """The process is gone: connections are refused from now on."""
         httpd, self._httpd = self._httpd, None  # a crash and close() may both get here
+        if self.decoder is not None:
+            self.decoder.close()
         if httpd is not None:
             httpd.shutdown()
             httpd.server_close()
@@ -118,8 +139,13 @@ class SGLangDouble:
     def generate(self, payload: dict):
         ids = payload["input_ids"]
         single = bool(ids) and isinstance(ids[0], int)
-        prompts = [ids] if single else ids
         params = payload.get("sampling_params", {})
+        n = int(params.get("n", 1))
+        # io_struct.py:550: n > 1 makes a single prompt a batch; :592 its n samples follow their
+        # prompt (prompt-major order, measured on the CPU server).
+        rids = _rids(payload.get("rid"), single, 1 if single else len(ids), n)
+        prompts = [p for p in ([ids] if single else ids) for _ in range(n)]
+        single = single and n == 1
         with self.cond:
             self.cond.wait_for(lambda: self.paused is None)  # tokenizer_manager.py:939
             if self.offload_tags:
@@ -127,6 +153,8 @@ class SGLangDouble:
             self.running += 1
             aborted_before = self.aborted
         try:
+            if self.decoder is not None:
+                return self._generate_timed(prompts, rids, params, n, single)
             deadline = time.monotonic() + self.generate_delay_s
             with self.cond:
                 while True:
@@ -144,6 +172,44 @@ class SGLangDouble:
             with self.cond:
                 self.running -= 1
                 self.cond.notify_all()
+
+    def _generate_timed(self, prompts: list[list[int]], rids: list[str], params: dict, n: int, single: bool):
+        """Queue one sequence per output on the decode scheduler; answer when all have ended."""
+        max_new = int(params.get("max_new_tokens", 128))  # sampling_params.py: SGLang's default
+        ignore_eos = bool(params.get("ignore_eos", False))
+        seen: dict[tuple[int, ...], int] = {}
+        seqs = []
+        for position, (prompt, rid) in enumerate(zip(prompts, rids)):
+            # The sample's index among the identical inputs of this request: its n index, or the
+            # count of identical prompts before it in a batch.
+            index = position % n if n > 1 else seen.setdefault(tuple(prompt), 0)
+            if n == 1:
+                seen[tuple(prompt)] += 1
+            seqs.append(Sequence(rid, prompt, index, self.timing.length(prompt, index, max_new, ignore_eos)))
+        self.decoder.submit(seqs)
+        for seq in seqs:
+            seq.done.wait()
+        # Written as JSON text here: 32 doubles share this process with the client under test, and
+        # json.dumps of per-token logprob lists would cost more than the decode it stands for.
+        seed = self.fingerprint()
+        outs = []
+        for seq in seqs:
+            tokens = [(seed + sum(seq.input_ids) + 31 * i + 7 * seq.index) % self.vocab_size for i in range(seq.made)]
+            finish = ({"type": "abort", "message": "Aborted", "status_code": None, "err_type": None} if seq.aborted
+                      else {"type": "length", "length": seq.made})  # schedule_batch.py: FINISH_ABORT, FINISH_LENGTH
+            meta = json.dumps({"id": seq.rid, "finish_reason": finish, "prompt_tokens": len(seq.input_ids),
+                               "completion_tokens": seq.made, "weight_version": self.weight_version})
+            logprobs = ",".join([self._logprob_json[t] for t in tokens])
+            outs.append(f'{{"output_ids":[{",".join(map(str, tokens))}],"meta_info":{meta[:-1]},'
+                        f'"output_token_logprobs":[{logprobs}]}}}}')
+        return outs[0] if single else f"[{','.join(outs)}]"
+
+    def server_info(self) -> dict:
+        """http_server.py:863: the resolved server args, the scheduler's info, per-DP internal states."""
+        slots = self.timing.max_running_requests if self.timing is not None else DEFAULT_MAX_RUNNING_REQUESTS
+        return {"max_running_requests": slots, "tp_size": self.tp_size, "weight_version": self.weight_version,
+                "internal_states": [{"max_running_requests": slots, "effective_max_running_requests_per_dp": slots}],
+                "version": VERSION}
 
     # ---- control endpoints -------------------------------------------------------------------
     def release_memory_occupation(self, payload: dict) -> None:
@@ -258,7 +324,7 @@ class SGLangDouble:
 
     def update_weight_version(self, payload: dict) -> dict:
         if payload.get("abort_all_requests"):
-            self.aborted += 1
+            self._abort_all()
         self.weight_version = payload["new_version"]
         return {"success": True, "message": f"Weight version updated to {payload['new_version']}"}
 
@@ -266,17 +332,24 @@ class SGLangDouble:
         mode = payload.get("mode", "abort")  # io_struct.py:1945
         self.paused = mode
         if mode == "abort":  # tokenizer_manager.py:2271: aborts everything in flight
-            self.aborted += 1
+            self._abort_all()
         return {"message": "Generation paused successfully.", "status": "ok"}
 
     def continue_generation(self, payload: dict) -> dict:
         self.paused = None
         return {"message": "Generation continued successfully.", "status": "ok"}
 
-    def abort_request(self, payload: dict) -> dict:
+    def abort_request(self, payload: dict) -> str:
         if payload.get("abort_all"):
-            self.aborted += 1
-        return {}
+            self._abort_all()
+        elif payload.get("rid") and self.decoder is not None:
+            self.decoder.abort_rid(payload["rid"])
+        return ""  # http_server.py:1723: an empty 200
+
+    def _abort_all(self) -> None:
+        self.aborted += 1
+        if self.decoder is not None:
+            self.decoder.abort()
 
     def dispatch(self, path: str, payload: dict):
         if path == "/generate":
@@ -295,6 +368,19 @@ _CONTROL = {"release_memory_occupation", "resume_memory_occupation", "begin_weig
             "update_weights_from_tensor", "update_weights_from_disk", "init_weights_update_group",
             "destroy_weights_update_group", "update_weights_from_distributed", "flush_cache", "update_weight_version",
             "pause_generation", "continue_generation", "abort_request"}
+
+
+def _rids(rid, single: bool, batch: int, n: int) -> list[str]:
+    """The scheduler's request ids, one per output (io_struct.py:759 _normalize_rid)."""
+    if n > 1:  # tokenizer_manager.py:2171: each sample gets a fresh id, so the caller's rid aborts nothing
+        return [uuid.uuid4().hex for _ in range(batch * n)]
+    if rid is None:
+        return [uuid.uuid4().hex for _ in range(batch)]
+    if isinstance(rid, str):
+        return [rid] if single else [f"{rid}_{i}" for i in range(batch)]
+    if len(rid) != batch:
+        raise _Refused("The specified rids length mismatch with the batch_size for batch processing.")
+    return list(rid)
 
 
 def weights_fingerprint(weights: dict[str, torch.Tensor], vocab_size: int) -> int:
@@ -330,6 +416,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(200, {})
         elif self.path == "/model_info":  # http_server.py:812: reports the stamped weight version
             self._reply(200, {"weight_version": self.double.weight_version})
+        elif self.path in ("/get_server_info", "/server_info"):
+            self._reply(200, self.double.server_info())
         else:
             self._handle({})
 
