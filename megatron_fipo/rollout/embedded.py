@@ -6,13 +6,16 @@ end to end; its logprobs agree with the Megatron actor's on the same tokens (fp3
 
 from __future__ import annotations
 
-from typing import Iterable
+import time
+from collections import deque
+from typing import Iterable, Iterator
 
 import torch
 
 from megatron_fipo.bridge.mapping import hf_shapes
 from megatron_fipo.model_arch import ModelArch
-from megatron_fipo.rollout.base import GenerationAborted, Sample, SamplingParams
+from megatron_fipo.rollout.base import (GenerationAborted, GroupRequest, GroupResult, Sample, SamplingParams,
+                                        StreamStats)
 from megatron_fipo.rollout.torch_decoder import TorchDecoder
 
 
@@ -96,6 +99,12 @@ class EmbeddedEngine:
             samples += self._generate_batch(flat[start : start + self.max_batch], sampling, generator)
         return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
 
+    def stream(self, requests: Iterator[GroupRequest], sampling: SamplingParams, seed: int) -> "EmbeddedStream":
+        if not self.weights:
+            raise RuntimeError("embedded engine: no weights loaded; call update_weights first")
+        self._aborted = False
+        return EmbeddedStream(self, requests, sampling, seed)
+
     def _generate_batch(self, prompts: list[list[int]], sp: SamplingParams, generator) -> list[Sample]:
         model = TorchDecoder(self.arch, self.weights)
         b = len(prompts)
@@ -152,3 +161,60 @@ class EmbeddedEngine:
             )
             for i in range(b)
         ]
+
+
+class EmbeddedStream:
+    """Whole groups, max_batch sequences at a time, in the caller's thread as it asks for more.
+
+    Nothing is in flight between chunks, so a cancel has nothing to cut short. One generator seeded
+    with the stream's seed samples every chunk in turn: given the requests, the samples are the same
+    in every run (resume equals uninterrupted).
+    """
+
+    blocking = True
+
+    def __init__(self, engine: EmbeddedEngine, requests: Iterator[GroupRequest], sampling: SamplingParams, seed: int):
+        self.engine, self.requests, self.sampling = engine, iter(requests), sampling
+        self.generator = torch.Generator(device=engine.device).manual_seed(seed)
+        self.stats = StreamStats(busy_s=[0.0], slot_s=[0.0])
+        self.cancelled = False
+        self.left: deque[GroupResult] = deque()  # the chunk's groups not yet taken
+
+    def __iter__(self) -> Iterator[GroupResult]:
+        while not self.cancelled:
+            chunk = self._next_chunk()
+            if not chunk:
+                return
+            started = time.monotonic()
+            flat = [r.prompt_ids for r in chunk for _ in range(r.n)]
+            samples = self.engine._generate_batch(flat, self.sampling, self.generator)
+            done = time.monotonic()
+            self.stats.wall_s += done - started
+            self.stats.busy_s[0] += done - started
+            self.stats.slot_s[0] += (done - started) * len(flat) / self.engine.max_batch
+            at = 0
+            for request in chunk:
+                group = samples[at : at + request.n]
+                at += request.n
+                self.left.append(GroupResult(request.key, group, request.n, sum(len(s.response_ids) for s in group),
+                                             done - started, done))
+            while self.left and not self.cancelled:
+                yield self.left.popleft()
+
+    def _next_chunk(self) -> list[GroupRequest]:
+        """Requests whose sequences fill max_batch (at least one group)."""
+        chunk, size = [], 0
+        for request in self.requests:
+            if request.partial is not None:
+                raise ValueError("embedded engine: it never cuts a group short, so it has no partial group to continue")
+            chunk.append(request)
+            size += request.n
+            if size + request.n > self.engine.max_batch:
+                break
+        return chunk
+
+    def cancel(self) -> list[GroupResult]:
+        """The chunk's groups not yet taken (complete: nothing is ever in flight here)."""
+        self.cancelled = True
+        left, self.left = list(self.left), deque()
+        return left

@@ -1,10 +1,12 @@
-"""The SGLang rollout engine: supervised servers, least-loaded routing, retries, weight updates.
+"""The SGLang rollout engine: supervised servers, routing by free slots, retries, weight updates.
 
 Servers start from a safetensors snapshot of the first weights the bridge sends (so no HF model
 has to exist beforehand), or are given as URLs (launched elsewhere, e.g. disaggregated nodes).
-Requests go to the server with the fewest sequences in flight; a request that meets a dead server
-is retried at once on another server, while the dead one is restarted in the background from the
-newest snapshot on disk and rejoins the routing when healthy.
+Each prompt group goes, in one request, to the server with the most free sequence slots (its
+capacity: rollout.sglang.max_running_requests or what it reports), ties in turn; requests are sent
+only while a server has room (sglang_stream.py). A request that meets a dead server is retried at
+once on another server, while the dead one is restarted in the background from the newest
+snapshot on disk and rejoins the routing when healthy.
 A restarted server may hold older weights than the others until the next update: its samples say
 so in their weight version (the trainer recomputes old logprobs, so they stay usable).
 """
@@ -12,20 +14,19 @@ so in their weight version (the trainer recomputes old logprobs, so they stay us
 from __future__ import annotations
 
 import logging
-import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator, Optional
 
 import torch
 
 from megatron_fipo.config import RolloutConfig
 from megatron_fipo.model_arch import ModelArch
-from megatron_fipo.rollout.base import Sample, SamplingParams
+from megatron_fipo.rollout.base import GroupRequest, Sample, SamplingParams
 from megatron_fipo.rollout.sglang_http import SGLangError, ServerUnavailable
 from megatron_fipo.rollout.sglang_memory import KV_CACHE, Phase
 from megatron_fipo.rollout.sglang_server import SGLangServer, job_script_servers
+from megatron_fipo.rollout.sglang_stream import SGLangStream
 from megatron_fipo.rollout.sglang_weights import (DiskTransport, DistributedTransport, TensorTransport, each_server,
                                                   set_version)
 
@@ -55,8 +56,11 @@ class SGLangEngine:
         self.launched = False  # servers launched here start at the first generation phase
         # Which memory tags the servers keep resident (sglang_memory.py); fresh servers hold all.
         self.phase: Phase = "generate"
-        self.in_flight = [0] * len(self.servers)
+        self.in_flight = [0] * len(self.servers)  # sequences sent and not answered, per server
+        self.capacity = [0] * len(self.servers)  # sequences each runs at once (0: not read yet)
+        self.turn = 0  # where the next tie-break starts: the server after the last one picked
         self.served = [0] * len(self.servers)  # sequences each server completed: the routing's record
+        self._aborted = False
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)  # a server left or rejoined the routing
         self.down: set[int] = set()  # servers being recovered
@@ -146,54 +150,77 @@ class SGLangEngine:
                 self.transport.server_restarted(server)
 
     # ---- generation --------------------------------------------------------------------------
+    def abort(self) -> None:
+        """Make the ``generate`` or stream in flight abort its requests and raise GenerationAborted
+        (called from a signal handler: only sets a flag, which the stream reads every 50 ms)."""
+        self._aborted = True
+
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams, seed: int) -> list[list[Sample]]:
-        """n samples per prompt. SGLang samples without a caller seed: ``seed`` is not used."""
+        """n samples per prompt, each prompt's on one server. SGLang samples without a caller seed:
+        ``seed`` is not used."""
+        results = {r.key: r.samples for r in self.stream(iter(GroupRequest(i, p, n) for i, p in enumerate(prompts)),
+                                                         sampling, seed)}
+        return [results[i] for i in range(len(prompts))]
+
+    def stream(self, requests: Iterator[GroupRequest], sampling: SamplingParams, seed: int) -> "SGLangStream":
         if self.weight_version < 0 and not self.external:
             raise RuntimeError("SGLang engine: no weights loaded; call update_weights first")
         self.resume()
-        flat = [p for p in prompts for _ in range(n)]
-        per = self.cfg.sequences_per_request
-        chunks = [flat[i : i + per] for i in range(0, len(flat), per)]
-        params = {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
-                  "max_new_tokens": sampling.max_new_tokens, "stop_token_ids": list(sampling.stop_token_ids),
-                  "skip_special_tokens": False}
-        workers = max(1, min(len(chunks), math.ceil(self.cfg.max_concurrency / per)))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(lambda chunk: self._generate_chunk(chunk, params), chunks))
-        samples = [s for chunk in results for s in chunk]
-        return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
+        self._aborted = False  # an abort is for the call in flight; one that came between calls is spent
+        for index, server in enumerate(self.servers):
+            if not self.capacity[index] and index not in self.down:
+                self.capacity[index] = self._read_capacity(server)
+        return SGLangStream(self, requests, sampling)
 
-    def _generate_chunk(self, chunk: list[list[int]], params: dict) -> list[Sample]:
-        errors = []
-        for _ in range(self.cfg.max_retries + 1):
-            index = self._pick(len(chunk))
-            server = self.servers[index]
+    def _read_capacity(self, server: SGLangServer) -> int:
+        """Sequences the server runs at once: rollout.sglang.max_running_requests, else what it reports,
+        else an even share of rollout.sglang.max_concurrency."""
+        if self.cfg.max_running_requests:
+            return self.cfg.max_running_requests
+        info: dict = {}
+        for path in ("/server_info", "/get_server_info"):  # the older name before SGLang 0.5.23
             try:
-                out = server.http.post("/generate", {"input_ids": chunk, "sampling_params": params,
-                                                     "return_logprob": True})
-                samples = [_to_sample(p, o) for p, o in zip(chunk, out if isinstance(out, list) else [out])]
-                if len(samples) != len(chunk):
-                    raise ServerUnavailable(f"{server.url}: {len(samples)} outputs for {len(chunk)} inputs")
-                with self.lock:
-                    self.served[index] += len(samples)
-                return samples
-            except ServerUnavailable as err:
-                errors.append(str(err))
-                self._report_dead(index)
-            finally:
-                with self.lock:
-                    self.in_flight[index] -= len(chunk)
-        raise RuntimeError(f"SGLang: a request failed on {self.cfg.max_retries + 1} tries "
-                           f"(rollout.sglang.max_retries={self.cfg.max_retries}): {errors}")
+                info = server.http.get(path, timeout_s=30)
+                break
+            except SGLangError:
+                continue
+        # SGLang 0.5.23 on a CPU reports max_running_requests None (not set) and the effective value per DP rank.
+        state = (info.get("internal_states") or [{}])[0]
+        value = (info.get("max_running_requests") or state.get("max_running_requests")
+                 or state.get("effective_max_running_requests_per_dp"))
+        if value:
+            return int(value)
+        share = max(1, self.cfg.max_concurrency // len(self.servers))
+        log.warning("SGLang server %s does not report max_running_requests: %d sequences at once (set "
+                    "rollout.sglang.max_running_requests to what it runs)", server.url, share)
+        return share
 
-    def _pick(self, size: int) -> int:
-        """The live server with the fewest sequences in flight; waits while every server is recovering."""
-        with self.changed:
-            while len(self.down) == len(self.servers):
-                self.changed.wait()
-            index = min((i for i in range(len(self.servers)) if i not in self.down), key=self.in_flight.__getitem__)
-            self.in_flight[index] += size
-            return index
+    def _has_room(self) -> bool:
+        """Whether some live server has a free slot (and the client's cap allows more)."""
+        with self.lock:
+            return sum(self.in_flight) < self.cfg.max_concurrency and any(
+                self.capacity[i] > self.in_flight[i] for i in range(len(self.servers)) if i not in self.down)
+
+    def _pick(self, size: int) -> Optional[int]:
+        """The live server with the most free slots that can take ``size`` sequences now (an idle one
+        always can); ties go in turn from the server after the last one picked. None: all full."""
+        with self.lock:
+            total = sum(self.in_flight)
+            if total and total + size > self.cfg.max_concurrency:
+                return None
+            count = len(self.servers)
+            best, best_free = None, None
+            for step in range(count):
+                index = (self.turn + step) % count
+                free = self.capacity[index] - self.in_flight[index]
+                if index in self.down or not self.capacity[index] or (free < size and self.in_flight[index]):
+                    continue
+                if best_free is None or free > best_free:
+                    best, best_free = index, free
+            if best is not None:
+                self.in_flight[best] += size
+                self.turn = (best + 1) % count
+            return best
 
     def _report_dead(self, index: int) -> None:
         """Take the server out of routing and recover it in the background (once, however many saw it fail)."""
@@ -233,16 +260,3 @@ class SGLangEngine:
                 self.changed.notify_all()
 
 
-def _to_sample(prompt: list[int], out: dict) -> Sample:
-    meta = out["meta_info"]
-    finish = (meta.get("finish_reason") or {}).get("type")
-    if finish not in ("stop", "length"):
-        # An aborted request (server shutting down, weights changing) is retried, never trained on.
-        raise ServerUnavailable(f"request ended with finish_reason {meta.get('finish_reason')!r}")
-    logprobs = [float(entry[0]) for entry in meta["output_token_logprobs"]]
-    response = list(out["output_ids"])
-    if len(logprobs) != len(response):
-        raise SGLangError(f"SGLang returned {len(response)} tokens but {len(logprobs)} logprobs")
-    version = meta.get("weight_version")
-    return Sample(prompt_ids=list(prompt), response_ids=response, logprobs=logprobs, finish_reason=finish,
-                  weight_version=int(version) if version not in (None, "default") else -1)

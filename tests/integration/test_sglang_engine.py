@@ -229,3 +229,44 @@ def test_per_node_handoff_each_rank_loads_its_own_server(setup):
         for version, (greedy, tokens) in enumerate(zip(result["greedy"], want)):
             assert greedy["tokens"] == tokens
             assert set(greedy["version"]) == {str(version)}
+
+
+def test_stream_abort_keeps_what_completed_and_a_partial_greedy_sample_continues_exactly(setup):
+    """Streaming on the real server: a group's samples come from one server in one request; a
+    cancel mid-generation returns at once with the completed group intact and the rest cut short
+    (not retried); continuing a cut greedy sample from its prefix gives the uninterrupted tokens."""
+    from megatron_fipo.rollout.base import GroupRequest
+
+    engine, readers, references, names, arch, root = setup
+    engine.update_weights(_buckets(readers[0], names), version=5)
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=120)
+    prompts = [[5, 17, 33, 2], [9, 9, 4], [100, 4, 77]]
+    capacity, engine.capacity = engine.capacity, [2, 2]  # one group of 2 per server: the third waits
+    served = list(engine.served)
+    try:
+        stream = engine.stream(iter(GroupRequest(i, p, 2) for i, p in enumerate(prompts)), sampling, seed=0)
+        first = next(iter(stream))
+        started = time.monotonic()
+        cut = stream.cancel()
+        cancel_s = time.monotonic() - started
+    finally:
+        engine.capacity = capacity
+    print(f"cancel returned in {cancel_s:.3f} s with {stream.stats.aborted_sequences} sequences cut short")
+    assert cancel_s < 5.0  # measured well under 1 s; generous for a loaded host
+    assert [len(s.response_ids) for s in first.samples] == [120, 120] and first.complete  # kept intact
+    assert stream.stats.retried_requests == 0 and stream.stats.aborted_sequences >= 2
+    assert sorted([first.key] + [r.key for r in cut]) == [0, 1, 2]
+    # One request per group, on one server: the served counts moved by whole groups.
+    moved = [after - before for after, before in zip(engine.served, served)]
+    assert moved == [2 * [r.engine for r in [first, *cut]].count(i) for i in range(len(engine.servers))]
+
+    partial = next(r for r in cut if not r.complete)
+    prompt = prompts[partial.key]
+    sample = partial.samples[0]
+    assert sample.finish_reason == "abort" and len(sample.response_ids) < 120
+    (whole,) = list(engine.stream(iter([GroupRequest("again", prompt, 2, partial=partial.samples)]), sampling, seed=0))
+    want = references[0].generate([prompt], n=1, sampling=sampling, seed=0)[0][0]
+    for got in whole.samples:
+        assert got.response_ids == want.response_ids
+        assert torch.allclose(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=LOGPROB_ATOL)
+        assert got.weight_version == 5 and got.version_segments == []

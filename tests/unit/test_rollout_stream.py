@@ -1,0 +1,147 @@
+"""Streaming rollouts: routing by free slots with ties in turn, one server per group, the abort at
+the step's target (nothing aborted is retried, every kept group intact), and partial rollouts.
+
+Against doubles of SGLang's HTTP server (megatron_fipo/testing_sglang.py, a test double at the
+process boundary: several real servers do not fit on this host; tests/integration/
+test_sglang_engine.py checks the abort and a continuation on the real one)."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_fipo.config import RolloutConfig, RunConfig, SGLangConfig
+from megatron_fipo.data.problems import Problem, ProblemStream
+from megatron_fipo.model_arch import ModelArch
+from megatron_fipo.reward.scoring import GroupScores
+from megatron_fipo.rollout.base import GroupRequest, Sample, SamplingParams
+from megatron_fipo.rollout.collect import Collector
+from megatron_fipo.rollout.sglang_engine import SGLangEngine
+from megatron_fipo.testing_sglang import SGLangDouble
+
+ARCH = ModelArch.from_hf_config("examples/tiny_qwen2/config.json")
+SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=4)
+WEIGHTS = {"model.embed_tokens.weight": torch.ones(4, 3)}
+
+
+@pytest.fixture
+def doubles():
+    made = []
+
+    def make(delays):
+        made.extend(SGLangDouble(WEIGHTS, generate_delay_s=d) for d in delays)
+        return made[-len(delays):]
+
+    yield make
+    for d in made:
+        d.close()
+
+
+def _engine(servers, tmp_path: Path, **sglang) -> SGLangEngine:
+    cfg = RolloutConfig(engine="sglang", sglang=SGLangConfig(urls=[d.url for d in servers], startup_timeout_s=30, **sglang))
+    return SGLangEngine(cfg, ARCH, tmp_path)
+
+
+def _stream(engine, prompts, n=2):
+    return list(engine.stream(iter(GroupRequest(i, p, n) for i, p in enumerate(prompts)), SAMPLING, seed=0))
+
+
+def test_ties_go_in_turn_and_a_group_is_one_request_on_one_server(doubles, tmp_path):
+    servers = doubles([0.0, 0.0, 0.0])
+    engine = _engine(servers, tmp_path, max_running_requests=64)
+    # One group at a time: every server is idle at each pick, so each pick is a tie.
+    picked = [_stream(engine, [[7, i]])[0].engine for i in range(5)]
+    assert picked == [0, 1, 2, 0, 1]  # in turn, not the lowest index every time
+    assert [d.calls.count("/generate") for d in servers] == [2, 2, 1]  # one request per group
+    assert engine.served == [4, 4, 2]  # its n = 2 samples
+
+
+def test_each_server_is_held_to_its_capacity(doubles, tmp_path):
+    servers = doubles([0.3, 0.3])
+    engine = _engine(servers, tmp_path, max_running_requests=4)
+    seen = []
+    pick = engine._pick
+
+    def recorded(size):
+        index = pick(size)
+        seen.append(list(engine.in_flight))
+        return index
+
+    engine._pick = recorded
+    results = _stream(engine, [[i] for i in range(6)])
+    assert sorted(r.key for r in results) == list(range(6))
+    assert max(max(s) for s in seen) == 4  # two groups of 2 fill a server, never more
+    assert [4, 4] in seen  # both full at once: every server busy while work remained
+    assert engine.in_flight == [0, 0]
+
+
+class _Scores:
+    """Rewards [1, -1, ...]: every group differs, so every complete group is kept."""
+
+    def score(self, groups, problems):
+        rewards = torch.tensor([[(-1.0) ** i for i in range(len(g))] for g in groups])
+        return GroupScores(rewards, rewards > 0, {"correct": 1, "wrong": 1})
+
+
+class _Data:
+    def __init__(self):
+        self.train_stream = ProblemStream([Problem(({"role": "user", "content": str(i)},), str(i)) for i in range(50)], 0)
+
+    def prompt_ids(self, problem):
+        return [int(problem.answer) + 1, 3]
+
+
+def _collector(engine, partial: bool) -> Collector:
+    cfg = RunConfig()
+    cfg = replace(cfg, rollout=replace(cfg.rollout, n_samples=2, partial_rollouts=partial),
+                  trainer=replace(cfg.trainer, prompts_per_step=2, minibatch_prompts=1, gen_prompts_per_batch=3,
+                                  max_gen_batches=2))
+    return Collector(cfg, engine, _Scores(), _Data())
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_the_target_aborts_what_is_in_flight_and_keeps_every_kept_group(doubles, tmp_path, partial):
+    fast, slow = doubles([0.05, 30.0])  # the slow server's group can only end by the abort
+    engine = _engine([fast, slow], tmp_path, max_running_requests=2)  # one group of 2 per server
+    collector = _collector(engine, partial)
+    batch = collector.collect(step=0, sampling=SAMPLING)
+    assert len(batch.groups) == 2 and all(len(g) == 2 and all(s.finish_reason == "length" for s in g)
+                                          for g in batch.groups)
+    assert batch.stats["rollout/aborted_sequences"] == 2  # the slow server's group
+    assert batch.stats["rollout/prompts_drawn"] == 3  # two on the fast server, one cut short
+    assert slow.calls.count("/generate") == 1 and "/abort_request" in slow.calls  # aborted, not retried
+    assert batch.stats["rollout/retried_requests"] == 0
+    carried = [len(samples) for _, samples in collector.carried]
+    assert carried == ([2] if partial else [])
+    if partial:  # the next step continues the carried group first (from its prefix), on a free server
+        slow.generate_delay_s = 0.05
+        collector.collect(step=1, sampling=SAMPLING)
+        assert collector.carried == [] or all(len(s) == 2 for _, s in collector.carried)
+
+
+def test_a_partial_group_continues_from_its_prefixes(doubles, tmp_path):
+    (server,) = doubles([0.0])
+    engine = _engine([server], tmp_path, max_running_requests=8)
+    prompt = [11, 12]
+    done = Sample(prompt, [1, 2], [-0.1, -0.2], "stop", weight_version=0)
+    cut = Sample(prompt, [5, 6, 7], [-0.3, -0.4, -0.5], "abort", weight_version=0)
+    engine.update_weights([list(WEIGHTS.items())], version=3)  # the weights moved on since the group was cut
+    (result,) = list(engine.stream(iter([GroupRequest("g", prompt, 2, partial=[done, cut])]), SAMPLING, seed=0))
+    first, second = result.samples
+    assert first is done  # a finished sample is not generated again
+    more = 4 - 3  # the tokens max_new_tokens leaves it
+    assert second.response_ids[:3] == [5, 6, 7] and len(second.response_ids) == 3 + more
+    assert second.logprobs == [-0.3, -0.4, -0.5] + [-0.5] * more  # the double's logprob per token
+    assert second.prompt_ids == prompt and second.finish_reason == "length"
+    assert (second.weight_version, second.version_segments) == (0, [(3, 3)])
+    assert result.new_tokens == more
+
+
+def test_continued_concatenates_tokens_logprobs_and_versions():
+    a = Sample([1], [4, 5], [-1.0, -2.0], "abort", weight_version=2)
+    b = Sample([1, 4, 5], [6], [-3.0], "abort", weight_version=2)  # same weights: no new segment
+    c = Sample([1, 4, 5, 6], [7, 8], [-4.0, -5.0], "stop", weight_version=4)
+    out = a.continued(b).continued(c)
+    assert (out.prompt_ids, out.response_ids, out.logprobs) == ([1], [4, 5, 6, 7, 8], [-1.0, -2.0, -3.0, -4.0, -5.0])
+    assert (out.finish_reason, out.weight_version, out.version_segments) == ("stop", 2, [(3, 4)])
