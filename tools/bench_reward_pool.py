@@ -2,7 +2,7 @@
 same 1,000 samples as tests/unit/test_reward_pool.py (pathological answers among them).
 
 Prints, measured in this run: total time serial and pooled and their ratio, each sample's hold in a
-worker (submit of a worker to its result: bounded by timeout + grace) and its wait in the queue, and
+worker (from its start there to its result: bounded by timeout + grace) and its wait in the queue, and
 the parent's cost per token of decoding in the parent vs shipping ids to workers that decode.
 
     .venv/bin/python tools/bench_reward_pool.py [--workers 2] [--timeout 1.0] [--samples 1000]
@@ -70,7 +70,7 @@ def main() -> None:
     print(f"serial {serial_s:.2f} s; pool of {args.workers} {pool_s:.2f} s (submitting all: {submit_s * 1e3:.1f} ms); "
           f"pool/serial time ratio {pool_s / serial_s:.3f}")
     print(f"scores equal to serial: {same}/{len(work)}; workers replaced: {replaced}")
-    print(f"hold in a worker (taken to result): max {held[-1]:.3f} s = timeout + {held[-1] - args.timeout:.3f} s, "
+    print(f"hold in a worker (started to result): max {held[-1]:.3f} s = timeout + {held[-1] - args.timeout:.3f} s, "
           f"p50 {held[len(held) // 2] * 1e3:.1f} ms; queue wait (all 1000 submitted at once): max {queued[-1]:.2f} s")
     slowest = max(range(len(work)), key=lambda i: want_s[i])
     print(f"serial: slowest sample {want_s[slowest]:.3f} s ({want[slowest].status}); "

@@ -41,13 +41,17 @@ log = logging.getLogger(__name__)
 # Past its own SIGALRM limit, how long a worker may take to answer before it is killed: the decode,
 # the answer's extraction and the reply fit in it many times over.
 GRACE_S = 0.5
+# Samples sent to a worker at once: it starts the next as it replies, not a round trip through the
+# parent (whose dispatcher thread waits for the GIL) later. A second sample is sent only once every
+# worker has one; it can wait behind a slow first one, at most that one's deadline.
+DEPTH = 2
 
 
 @dataclass
 class Scored:
     result: RewardResult
-    queued_s: float  # from submit until a worker took the sample
-    held_s: float  # from a worker taking it to its result: at most timeout_seconds + GRACE_S (+ scheduling)
+    queued_s: float  # from submit until a worker started it
+    held_s: float  # from a worker starting it to its result: at most timeout_seconds + GRACE_S (+ scheduling)
 
 
 @dataclass
@@ -56,7 +60,8 @@ class _Task:
     problem: Problem
     future: Future
     submitted: float  # time.monotonic()
-    started: float = 0.0
+    started: float = 0.0  # when it became the first of its worker's samples
+    running: bool = False  # its future is marked running (it may go back to the queue from a killed worker)
 
 
 def _picklable(err: BaseException) -> BaseException:
@@ -104,7 +109,7 @@ class _Worker:
         self.process.start()
         child.close()
         self.ready = False
-        self.task: Optional[_Task] = None
+        self.tasks: deque[_Task] = deque()  # sent, in the order the worker takes them; the first is being scored
 
     def stop(self, kill: bool) -> None:
         if kill:
@@ -184,7 +189,7 @@ class RewardPool:
                     if self._closed:
                         break
                 self._dispatch(workers)
-                busy = [w.task.started + self._limit for w in workers if w.task is not None and self._limit]
+                busy = [w.tasks[0].started + self._limit for w in workers if w.tasks and self._limit]
                 timeout = max(min(busy) - time.monotonic(), 0.0) if busy else None
                 ready = wait([self._wake_r, *(w.conn for w in workers), *(w.process.sentinel for w in workers)], timeout)
                 if self._wake_r in ready:
@@ -197,9 +202,9 @@ class RewardPool:
                         except EOFError:
                             pass
                     if w.process.sentinel in ready or not w.process.is_alive():
-                        workers[i] = self._replace(w, kill=False, why=f"exited with code {w.process.exitcode}")
-                    elif w.task is not None and self._limit and time.monotonic() >= w.task.started + self._limit:
-                        workers[i] = self._replace(w, kill=True, why=f"took over {self._limit:.1f} s")
+                        workers[i] = self._replace(w, why=f"exited with code {w.process.exitcode}")
+                    elif w.tasks and self._limit and time.monotonic() >= w.tasks[0].started + self._limit:
+                        workers[i] = self._replace(w, why=f"took over {self._limit:.1f} s")
         except BaseException as err:  # a worker that cannot start, or a bug: no caller may wait forever
             log.exception("reward pool: stopped")
             with self._lock:
@@ -208,23 +213,29 @@ class RewardPool:
             self._shutdown(workers)
 
     def _dispatch(self, workers: list[_Worker]) -> None:
-        for w in workers:
-            if not w.ready or w.task is not None:
-                continue
-            with self._lock:
-                task = None
-                while self._pending and task is None:
-                    task = self._pending.popleft()
-                    if not task.future.set_running_or_notify_cancel():  # cancelled while queued
-                        task = None
-            if task is None:
-                return
-            task.started = time.monotonic()
-            w.task = task
-            try:
-                w.conn.send((task.ids, task.problem))
-            except OSError:  # the worker just died: the loop replaces it and scores the task as a timeout
-                pass
+        for depth in range(DEPTH):  # one sample to every worker before a second to any
+            for w in workers:
+                if not w.ready or len(w.tasks) != depth:
+                    continue
+                task = self._next_task()
+                if task is None:
+                    return
+                if not w.tasks:
+                    task.started = time.monotonic()
+                w.tasks.append(task)
+                try:
+                    w.conn.send((task.ids, task.problem))
+                except OSError:  # the worker just died: the loop replaces it
+                    pass
+
+    def _next_task(self) -> Optional[_Task]:
+        with self._lock:
+            while self._pending:
+                task = self._pending.popleft()
+                if task.running or task.future.set_running_or_notify_cancel():  # else cancelled while queued
+                    task.running = True
+                    return task
+        return None
 
     def _receive(self, w: _Worker, message: tuple) -> None:
         kind, value = message
@@ -233,7 +244,9 @@ class RewardPool:
         elif kind == "failed":
             raise ConfigError(f"reward.num_workers: a reward worker could not start: {value!r}") from value
         else:
-            task, w.task = w.task, None
+            task = w.tasks.popleft()
+            if w.tasks:
+                w.tasks[0].started = time.monotonic()
             if kind == "ok":
                 self._resolve(task, value)
             else:
@@ -243,14 +256,17 @@ class RewardPool:
         now = time.monotonic()
         task.future.set_result(Scored(result, task.started - task.submitted, now - task.started))
 
-    def _replace(self, w: _Worker, kill: bool, why: str) -> _Worker:
-        """A new worker for one killed past its deadline or dead; its sample scores as a timeout."""
+    def _replace(self, w: _Worker, why: str) -> _Worker:
+        """A new worker for one killed past its deadline or dead: its sample scores as a timeout, the
+        samples sent after it go back to the front of the queue."""
         if not w.ready:
             raise RuntimeError(f"reward pool: a worker {why} before it was ready (its error is printed above)")
         w.stop(kill=True)
-        if w.task is not None:
+        if w.tasks:
             log.warning("reward pool: a worker %s on a sample; scored as a timeout, worker replaced", why)
-            self._resolve(w.task, self._timeout)
+            self._resolve(w.tasks.popleft(), self._timeout)
+            with self._lock:
+                self._pending.extendleft(reversed(w.tasks))
         self.replaced += 1
         return _Worker(self._ctx, self._args)
 
@@ -258,10 +274,10 @@ class RewardPool:
         with self._lock:
             self._closed = True
             failure = self._failure
-            orphans = [w.task for w in workers if w.task is not None] + list(self._pending)
+            orphans = [t for w in workers for t in w.tasks] + list(self._pending)
             self._pending.clear()
         for w in workers:
-            w.stop(kill=w.task is not None)
+            w.stop(kill=bool(w.tasks))
         for task in orphans:
             if not task.future.done():
                 task.future.set_exception(failure or RuntimeError("the reward pool closed before this sample was scored"))
