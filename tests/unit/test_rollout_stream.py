@@ -5,6 +5,7 @@ Against doubles of SGLang's HTTP server (megatron_fipo/testing_sglang.py, a test
 process boundary: several real servers do not fit on this host; tests/integration/
 test_sglang_engine.py checks the abort and a continuation on the real one)."""
 
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from megatron_fipo.config import RolloutConfig, RunConfig, SGLangConfig
 from megatron_fipo.data.problems import Problem, ProblemStream
 from megatron_fipo.model_arch import ModelArch
 from megatron_fipo.reward.scoring import GroupScores
-from megatron_fipo.rollout.base import GroupRequest, Sample, SamplingParams
+from megatron_fipo.rollout.base import GenerationAborted, GroupRequest, Sample, SamplingParams
 from megatron_fipo.rollout.collect import Collector
 from megatron_fipo.rollout.sglang_engine import SGLangEngine
 from megatron_fipo.testing_sglang import SGLangDouble
@@ -145,3 +146,18 @@ def test_continued_concatenates_tokens_logprobs_and_versions():
     out = a.continued(b).continued(c)
     assert (out.prompt_ids, out.response_ids, out.logprobs) == ([1], [4, 5, 6, 7, 8], [-1.0, -2.0, -3.0, -4.0, -5.0])
     assert (out.finish_reason, out.weight_version, out.version_segments) == ("stop", 2, [(3, 4)])
+
+
+def test_a_stop_signal_aborts_an_sglang_rollout(doubles, tmp_path):
+    (server,) = doubles([30.0])  # would run 30 s
+    engine = _engine([server], tmp_path, max_running_requests=8)
+    timer = threading.Timer(0.3, engine.abort)  # as StopFlag.on_signal calls it, mid-stream
+    timer.start()
+    with pytest.raises(GenerationAborted):
+        _stream(engine, [[1], [2]])
+    timer.join()
+    assert server.calls.count("/generate") == 2 and "/abort_request" in server.calls  # aborted, not retried
+    assert engine.in_flight == [0]
+    server.generate_delay_s = 0.0
+    (group,) = engine.generate([[3]], 2, SAMPLING, seed=0)  # the abort was for that call only
+    assert [s.finish_reason for s in group] == ["length", "length"]
