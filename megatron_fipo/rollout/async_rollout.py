@@ -60,10 +60,11 @@ class AsyncRollout:
     """
 
     def __init__(self, collect: Callable[[int], Optional[StepBatch]], stream, max_staleness: int,
-                 abort: Optional[Callable[[], None]] = None):
+                 abort: Optional[Callable[[], None]] = None, total_steps: Optional[int] = None):
         if max_staleness < 1:
             raise ValueError("AsyncRollout: max_staleness must be >= 1 (0 is the synchronous loop)")
         self._collect, self._stream, self.k, self._abort = collect, stream, max_staleness, abort
+        self._total = total_steps  # no batch is collected for a step the run will not train
         self._cond = threading.Condition()
         self._buffer: dict[int, Buffered] = {}
         self._next = 0  # the next step to collect
@@ -109,7 +110,9 @@ class AsyncRollout:
 
     def take(self, step: int) -> tuple[Optional[StepBatch], dict[str, float]]:
         """The batch for RL step ``step`` (waiting for it), less the groups more than k versions old,
-        and the asynchronous mode's figures. Raises GenerationAborted when an abort cut it short."""
+        and the asynchronous mode's figures. It stays buffered (and in checkpoints) until ``done``:
+        a stop agreed after the take leaves it to the resumed run. Raises GenerationAborted when an
+        abort cut it short."""
         started = time.monotonic()
         with self._cond:
             while step not in self._buffer:
@@ -120,8 +123,8 @@ class AsyncRollout:
                     raise RuntimeError(f"asynchronous rollout: step {step + 1}'s batch is awaited while the "
                                        "producer is held (allow() first)")
                 self._cond.wait()
-            item = self._buffer.pop(step)
-            buffered = len(self._buffer)
+            item = self._buffer[step]
+            buffered = len(self._buffer) - 1
         waited = time.monotonic() - started
         batch, dropped = item.batch, 0
         if batch is not None:
@@ -130,6 +133,11 @@ class AsyncRollout:
             batch = drop_groups(batch, stale)
         return batch, {"async/wait_s": waited, "async/collect_s": item.seconds,
                        "async/batches_buffered": float(buffered), "async/dropped_stale_samples": float(dropped)}
+
+    def done(self, step: int) -> None:
+        """Step ``step`` is trained: its batch leaves the buffer."""
+        with self._cond:
+            self._buffer.pop(step, None)
 
     def buffered(self) -> list[Buffered]:
         """The complete batches not yet taken (call it held: a checkpoint saves them)."""
@@ -154,7 +162,8 @@ class AsyncRollout:
 
     # ---- producer thread ---------------------------------------------------------------------
     def _may_start(self) -> bool:
-        return not self._held and self._version is not None and self._next - self._version <= self.k
+        return (not self._held and self._version is not None and self._next - self._version <= self.k
+                and (self._total is None or self._next < self._total))
 
     def _run(self) -> None:
         while True:

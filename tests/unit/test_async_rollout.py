@@ -54,6 +54,7 @@ def _train(rollout: AsyncRollout, producer: Producer, steps: range) -> list[dict
     for step in steps:
         rollout.allow(producer.version)
         batch, stats = rollout.take(step)
+        rollout.done(step)
         stats["staleness"] = [step - s.weight_version for g in batch.groups for s in g]
         figures.append(stats)
         rollout.hold()
@@ -74,6 +75,16 @@ def test_batch_i_is_drawn_with_version_i_minus_k_whatever_the_timing(k, delays):
     # Held for the sync after step s, the producer has collected the next k steps' batches, no more.
     assert [f["buffered_after_hold"] for f in figures] == [list(range(s + 1, s + k + 1)) for s in range(5)]
     assert [position for _, _, position in producer.seen[:5]] == [0, 2, 4, 6, 8]
+
+
+def test_no_batch_is_collected_past_the_last_step():
+    producer = Producer()
+    rollout = AsyncRollout(producer.collect, producer.stream, 2, total_steps=3)
+    rollout.start(0)
+    _train(rollout, producer, range(3))
+    rollout.close()
+    assert [step for step, _, _ in producer.seen] == [0, 1, 2]
+    assert producer.stream.position == 6
 
 
 def test_samples_more_than_k_versions_old_are_dropped_by_group_and_counted():
@@ -114,6 +125,7 @@ def test_an_abort_rewinds_the_stream_and_the_batch_is_drawn_again_the_same():
     rollout.start(0)
     rollout.allow(0)
     batch0, _ = rollout.take(0)
+    rollout.done(0)
     started.wait(5)
     rollout.hold(abort=True)
     assert producer.stream.position == 2  # back where step 1's draw began
@@ -172,3 +184,17 @@ def test_max_staleness_needs_engines_that_generate_while_the_trainer_trains(tmp_
     with pytest.raises(ConfigError, match="trainer.max_staleness must be >= 0"):
         load_config(RunConfig, "examples/tiny_cpu.yaml", ["trainer.max_staleness=-1"])
     assert RunConfig().trainer.max_staleness == 0
+
+
+def test_a_batch_taken_stays_buffered_until_its_step_is_trained():
+    """A stop agreed after rank 0 took the step's batch: the checkpoint keeps it for the resumed run."""
+    producer = Producer()
+    rollout = AsyncRollout(producer.collect, producer.stream, 1)
+    rollout.start(0)
+    rollout.allow(0)
+    rollout.take(0)
+    rollout.hold()
+    assert [b.step for b in rollout.buffered()] == [0, 1]
+    rollout.done(0)
+    assert [b.step for b in rollout.buffered()] == [1]
+    rollout.close()
