@@ -191,14 +191,16 @@ class MegatronActor:
         old_logp: torch.Tensor,
         advantages: torch.Tensor,
         temperature: float = 1.0,
+        rollout_logp: Optional[torch.Tensor] = None,
     ) -> StepResult:
         """One optimizer step on this rank's share of a PPO mini-batch.
 
-        old_logp [B, Lr]; advantages [B] or [B, Lr]. The loss is a token-level mean over the whole
+        old_logp [B, Lr]; advantages [B] or [B, Lr]; rollout_logp [B, Lr], the engine's logprobs,
+        needed with ``algo.tis_cap`` > 0. The loss is a token-level mean over the whole
         mini-batch: each micro-batch returns its token sum and count, Megatron all-reduces the
         count over DP x CP and divides the gradient by it.
         """
-        loss, tokens, entropy, metrics = self.compute_gradients(batch, old_logp, advantages, temperature)
+        loss, tokens, entropy, metrics = self.compute_gradients(batch, old_logp, advantages, temperature, rollout_logp)
         updated, grad_norm = self._optimizer_step(finite_loss=math.isfinite(loss))
         return StepResult(
             loss=loss,
@@ -211,7 +213,8 @@ class MegatronActor:
         )
 
     def compute_gradients(
-        self, batch: SequenceBatch, old_logp: torch.Tensor, advantages: torch.Tensor, temperature: float = 1.0
+        self, batch: SequenceBatch, old_logp: torch.Tensor, advantages: torch.Tensor, temperature: float = 1.0,
+        rollout_logp: Optional[torch.Tensor] = None,
     ) -> tuple[float, int, float, dict[str, float]]:
         """Policy-loss forward/backward over all micro-batches into the DDP grad buffers (main_grad).
 
@@ -224,8 +227,9 @@ class MegatronActor:
             rows, width = mb.sample_index, mask.shape[1]
             adv = advantages[rows].to(logp.device)
             adv = adv[:, :width] if adv.dim() == 2 else adv
+            rollout = rollout_logp[rows, :width].to(logp.device) if rollout_logp is not None else None
             loss_sum, metrics = loss_impl(logp, old_logp[rows, :width].to(logp.device), adv, mask, cfg, num_tokens=1.0,
-                                          shards=self._sequence_shards(mb))
+                                          shards=self._sequence_shards(mb), rollout_logp=rollout)
             return loss_sum, int(metrics["num_tokens_kept"]), metrics
 
         return self._accumulate_gradients(batch, policy_loss, temperature)

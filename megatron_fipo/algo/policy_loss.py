@@ -16,6 +16,7 @@ import torch
 
 from megatron_fipo.algo.fipo_config import FIPOConfig
 from megatron_fipo.algo.future_kl_scan import future_kl
+from megatron_fipo.algo.position_diagnostics import position_metrics
 
 # The official code caps influence weights of negative-advantage tokens with a huge ratio to this range.
 SAFETY_WEIGHT_RANGE = (0.8, 1.0)
@@ -126,7 +127,7 @@ def influence_weights(
     return InfluenceWeights(weight, raw, fkl, excluded, capped)
 
 
-def _policy_loss(logp, old_logp, advantages, mask, cfg, num_tokens, use_influence, shards):
+def _policy_loss(logp, old_logp, advantages, mask, cfg, num_tokens, use_influence, shards, rollout_logp):
     valid = mask.bool()
     adv = _token_advantages(advantages, mask)
     delta = torch.clamp(logp.float() - old_logp.float(), -cfg.logratio_clamp, cfg.logratio_clamp)
@@ -137,6 +138,10 @@ def _policy_loss(logp, old_logp, advantages, mask, cfg, num_tokens, use_influenc
     per_token, ppo_bound, dual_bound = _clipped_surrogate(
         weighted_adv, adv, ratio, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.dual_clip_c
     )
+    tis = None
+    if cfg.tis_cap > 0:  # off: the loss is not touched, bit for bit
+        tis = truncated_is_weights(old_logp, rollout_logp, cfg.tis_cap)
+        per_token = per_token * tis
     kept = valid
     dropped = torch.zeros(valid.shape[0], dtype=torch.bool, device=valid.device)
     if use_influence and cfg.filter_dual_clip_sequences:
@@ -159,7 +164,28 @@ def _policy_loss(logp, old_logp, advantages, mask, cfg, num_tokens, use_influenc
         metrics["num_tokens_kept"] = float(kept_f.sum())
         if iw is not None:
             metrics.update(_influence_metrics(iw, valid, cfg))
+        if tis is not None:
+            metrics["tis/weight_mean"] = _masked_mean(tis, valid).item()
+            metrics["tis/capped_frac"] = _masked_mean((tis >= cfg.tis_cap).float(), valid).item()
+        if shards is LOCAL_SHARDS:  # a column is a token position only in whole sequences (not under CP)
+            weight = iw.weight if iw is not None else influence_weights(delta, adv, valid, cfg, shards).weight
+            metrics.update(position_metrics(delta, weight, valid))
     return loss, metrics
+
+
+@torch.no_grad()
+def truncated_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor | None, cap: float) -> torch.Tensor:
+    """w_t = min(exp(old_logp_t - rollout_logp_t), cap): truncated importance sampling, no gradient.
+
+    The rollout engine drew the tokens from pi_rollout (its kernels, its precision, possibly older
+    weights), while the PPO ratio is taken against pi_old, the trainer's own logprobs of the same
+    tokens. Multiplying each token's loss by pi_old / pi_rollout corrects for that mismatch; the cap
+    bounds the variance that a token with pi_rollout << pi_old would add (slime --use-tis, verl's
+    tis_imp_ratio_cap).
+    """
+    if rollout_logp is None:
+        raise ValueError("algo.tis_cap > 0 needs the rollout logprobs: pass rollout_logp (or set algo.tis_cap=0)")
+    return torch.exp(old_logp.float() - rollout_logp.float()).clamp(max=cap)
 
 
 @torch.no_grad()
@@ -187,9 +213,10 @@ def dapo_policy_loss(
     cfg: FIPOConfig,
     num_tokens: float | torch.Tensor | None = None,
     shards: SequenceShards = LOCAL_SHARDS,
+    rollout_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """DAPO / GRPO baseline: dual-clip PPO surrogate with clip-higher, token-level mean."""
-    return _policy_loss(logp, old_logp, advantages, mask, cfg, num_tokens, False, shards)
+    return _policy_loss(logp, old_logp, advantages, mask, cfg, num_tokens, False, shards, rollout_logp)
 
 
 def fipo_policy_loss(
@@ -200,6 +227,7 @@ def fipo_policy_loss(
     cfg: FIPOConfig,
     num_tokens: float | torch.Tensor | None = None,
     shards: SequenceShards = LOCAL_SHARDS,
+    rollout_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """FIPO loss: the DAPO surrogate on advantages re-weighted by clip(exp(Future-KL)).
 
@@ -208,5 +236,7 @@ def fipo_policy_loss(
     more negative-advantage tokens held by the dual clip leaves numerator and denominator), as in
     the official code; ``num_tokens`` overrides the denominator (the actor passes 1 and lets
     Megatron divide by the global kept count, ``metrics["num_tokens_kept"]`` summed).
+    ``rollout_logp`` [B, L]: the engine's logprobs of the tokens, for truncated importance sampling
+    (``cfg.tis_cap`` > 0): each token's loss is multiplied by min(exp(old_logp - rollout_logp), tis_cap).
     """
-    return _policy_loss(logp, old_logp, advantages, mask, cfg, num_tokens, True, shards)
+    return _policy_loss(logp, old_logp, advantages, mask, cfg, num_tokens, True, shards, rollout_logp)
