@@ -1,6 +1,6 @@
 """Packing each DP rank's share of the step's samples into tensors, and back (rollout/shares.py), in one process.
 
-Sending them between ranks over gloo is tested under torchrun in tests/multiprocess/test_sample_shares.py.
+Sending them between ranks over gloo is tested under torchrun in tests/multiprocess/test_shares_dp2.py.
 """
 
 import json
