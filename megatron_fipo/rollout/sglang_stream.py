@@ -77,6 +77,7 @@ class SGLangStream:
                 continue
             result = self._land(ticket, outcome, at)
             if result is not None:
+                self._fill()  # the freed slots work while the caller scores this group
                 yield result
 
     def cancel(self) -> list[GroupResult]:

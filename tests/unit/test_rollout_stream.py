@@ -109,16 +109,21 @@ def test_the_target_aborts_what_is_in_flight_and_keeps_every_kept_group(doubles,
     batch = collector.collect(step=0, sampling=SAMPLING)
     assert len(batch.groups) == 2 and all(len(g) == 2 and all(s.finish_reason == "length" for s in g)
                                           for g in batch.groups)
-    assert batch.stats["rollout/aborted_sequences"] == 2  # the slow server's group
-    assert batch.stats["rollout/prompts_drawn"] == 3  # two on the fast server, one cut short
+    assert batch.stats["rollout/aborted_sequences"] >= 2  # the slow server's group at least
+    # Two kept from the fast server, one cut short on the slow one, and one the fast server took when
+    # its second landed (its slots work while the caller scores).
+    assert batch.stats["rollout/prompts_drawn"] == 4
     assert slow.calls.count("/generate") == 1 and "/abort_request" in slow.calls  # aborted, not retried
     assert batch.stats["rollout/retried_requests"] == 0
     carried = [len(samples) for _, samples in collector.carried]
-    assert carried == ([2] if partial else [])
-    if partial:  # the next step continues the carried group first (from its prefix), on a free server
+    assert carried == ([2, 2] if partial else [])
+    if partial:  # the next step takes the carried groups first: they fill both servers and are kept
         slow.generate_delay_s = 0.05
-        collector.collect(step=1, sampling=SAMPLING)
-        assert collector.carried == [] or all(len(s) == 2 for _, s in collector.carried)
+        prompts = sorted(collector.data.prompt_ids(problem) for problem, _ in collector.carried)
+        after = collector.collect(step=1, sampling=SAMPLING)
+        assert after.stats["rollout/groups_carried_in"] == 2 and after.stats["rollout/prompts_drawn"] <= 2
+        assert sorted(g[0].prompt_ids for g in after.groups) == prompts
+        assert all(len(s.response_ids) == 4 and s.finish_reason == "length" for g in after.groups for s in g)
 
 
 def test_a_partial_group_continues_from_its_prefixes(doubles, tmp_path):
