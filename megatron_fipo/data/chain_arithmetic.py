@@ -3,11 +3,13 @@
 The prompt is ``4+7+2+9=``. The warm start teaches two ways to answer it:
 
 - short: ``Answer: 22`` -- the whole sum in one go, which a tiny model mostly gets wrong;
-- worked: ``4+7=11 11+2=13 13+9=22 Answer: 22`` -- one small addition per step, each easy.
+- worked: ``4,11,13,22 Answer: 22`` -- the running sums, each one small addition.
 
 With a modulus m the terms are 0..m-1 and every sum is taken mod m: with m = 2 the task is the
-parity of a bit string (``1+0+1+1=`` -> ``1+0=1 1+1=0 0+1=1 Answer: 1``), whose short form a
-small transformer cannot do better than chance while each worked step is one of four XOR facts.
+parity of a bit string (``1+0+1+1=`` -> ``1,1,0,1 Answer: 1``), whose short form a small
+transformer cannot do better than chance. Its worked form takes two tokens a term, as the prompt
+does, so with a fixed number of terms the term a running sum adds sits at a fixed distance back,
+and each step is one of four XOR facts: a 3-layer model learns it in a few hundred steps.
 
 Both end in the DAPO answer line (``reward.answer_format: dapo``), so the reward checks them alike.
 The prompt says nothing about the form: the policy picks it at its first token, and RL can move
@@ -32,13 +34,9 @@ def short_form(terms: list[int], modulus: int = 0) -> str:
 
 
 def worked_form(terms: list[int], modulus: int = 0) -> str:
-    """Running sums (mod ``modulus`` unless 0), one step per term after the first."""
-    steps, total = [], terms[0]
-    for term in terms[1:]:
-        step = answer([total, term], modulus)
-        steps.append(f"{total}+{term}={step}")
-        total = step
-    return " ".join(steps) + f" Answer: {total}"
+    """The running sums (mod ``modulus`` unless 0), one per term, then the answer line."""
+    sums = [answer(terms[:i + 1], modulus) for i in range(len(terms))]
+    return ",".join(map(str, sums)) + f" Answer: {sums[-1]}"
 
 
 def distinct_problems(min_terms: int, max_terms: int, modulus: int = 0) -> int:
