@@ -124,15 +124,14 @@ class AsyncRollout:
                                        "producer is held (allow() first)")
                 self._cond.wait()
             item = self._buffer[step]
-            buffered = len(self._buffer) - 1
         waited = time.monotonic() - started
         batch, dropped = item.batch, 0
         if batch is not None:
             stale = stale_groups(batch, step, self.k)
             dropped = sum(len(batch.groups[g]) for g in stale)
             batch = drop_groups(batch, stale)
-        return batch, {"async/wait_s": waited, "async/collect_s": item.seconds,
-                       "async/batches_buffered": float(buffered), "async/dropped_stale_samples": float(dropped)}
+        return batch, {"time/rollout_wait_s": waited, "time/rollout_collect_s": item.seconds,
+                       "async/dropped_stale_samples": float(dropped)}
 
     def done(self, step: int) -> None:
         """Step ``step`` is trained: its batch leaves the buffer."""
