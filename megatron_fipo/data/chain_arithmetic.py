@@ -64,5 +64,13 @@ def chain_problems(count: int, min_terms: int, max_terms: int, seed: int, modulu
     return out
 
 
+def response_form(text: str) -> str:
+    """worked (it writes running sums), short (straight to the answer line), or other."""
+    head = text.strip().split("Answer", 1)[0].strip()
+    if not head:
+        return "short"
+    return "worked" if "," in head else "other"
+
+
 def chain_tokenizer_corpus(problems: list[Problem]) -> list[str]:
     return [p.messages[0]["content"] + " " + ref for p in problems for ref in p.references]

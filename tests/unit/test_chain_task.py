@@ -7,7 +7,7 @@ import pytest
 
 from megatron_fipo.config import RunConfig
 from megatron_fipo.config_base import ConfigError, load_config
-from megatron_fipo.data.chain_arithmetic import chain_problems, short_form, worked_form
+from megatron_fipo.data.chain_arithmetic import chain_problems, response_form, short_form, worked_form
 from megatron_fipo.data.setup import setup_data
 from megatron_fipo.model_arch import ModelArch
 from megatron_fipo.reward.math_reward import MathReward, extract_answer
@@ -20,6 +20,8 @@ def test_forms_on_a_hand_worked_sum():
     assert short_form([4, 7, 2, 9]) == "Answer: 22"
     assert worked_form([1, 0, 1, 1], modulus=2) == "1,1,0,1 Answer: 1"  # parity: sums mod 2
     assert short_form([1, 0, 1, 1], modulus=2) == "Answer: 1"
+    assert [response_form(t) for t in ("1,1,0,1 Answer: 1", " Answer: 1", "1 Answer: 1", "1,0")] == \
+        ["worked", "short", "other", "worked"]
 
 
 @pytest.mark.parametrize("modulus, digits", [(0, 10), (2, 2)])
