@@ -5,7 +5,7 @@ Prints, measured in this run: total time serial and pooled and their ratio, each
 worker (from its start there to its result: bounded by timeout + grace) and its wait in the queue, and
 the parent's cost per token of decoding in the parent vs shipping ids to workers that decode.
 
-    .venv/bin/python tools/bench_reward_pool.py [--workers 2] [--timeout 1.0] [--samples 1000]
+    .venv/bin/python tools/bench_reward_pool.py [--workers 2] [--timeout 1.5] [--samples 1000]
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ worker, or its group, longer than that.
 Workers decode the token ids themselves: shipping the ids costs the parent (whose GIL the streaming
 rollout shares) ~12x less than decoding there and shipping the text (tools/bench_reward_pool.py
 measures both). Workers come from a forkserver (never fork: the trainer has threads and accelerator
-state) that preloads this module, so a replacement is a fork with sympy already imported.
+state) that preloads this module, so a replacement is a fork with sympy already imported. As with
+any spawn or forkserver child (Megatron's checkpoint writer already needs it), each worker imports
+the main module: a script that starts a pool keeps its work under ``if __name__ == "__main__":``.
 """
 
 from __future__ import annotations
@@ -72,14 +74,14 @@ def _picklable(err: BaseException) -> BaseException:
         return RuntimeError(f"{type(err).__name__}: {err}")
 
 
-def _worker_main(conn, sys_path: list[str], cfg: RewardConfig, tokenizer_blob: bytes) -> None:
+def _worker_main(conn, sys_path: list[str], cfg: RewardConfig, tokenizer_bytes: bytes) -> None:
     """A worker: 'ready' once it can score, then (ids, problem) in, ('ok', result) or ('error', exc) out."""
     # Ctrl-C and SIGTERM are the trainer's to handle (stop.py); the parent ends its workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.path[:] = sys_path  # the parent's: its reward.custom_reward module and tokenizer classes import here too
     try:
-        tokenizer = pickle.loads(tokenizer_blob)
+        tokenizer = pickle.loads(tokenizer_bytes)
         reward = outcome_reward(cfg)
         if not cfg.custom_reward:
             warm_up()
@@ -126,18 +128,23 @@ class _Worker:
         self.conn.close()
 
 
-class RewardPool:
-    """``num_workers`` processes scoring (token ids, problem) as ``reward`` says; ``submit`` returns a Future[Scored]."""
+def tokenizer_blob(tokenizer) -> bytes:
+    """The tokenizer as the workers receive it; a ConfigError naming reward.num_workers when it cannot travel."""
+    try:
+        return pickle.dumps(tokenizer)
+    except Exception as err:
+        raise ConfigError(f"reward.num_workers: the tokenizer ({type(tokenizer).__name__}) cannot be sent to the "
+                          f"reward workers ({err}); set reward.num_workers=0 to score in this process") from None
 
-    def __init__(self, cfg: RewardConfig, tokenizer, num_workers: int):
-        try:
-            blob = pickle.dumps(tokenizer)
-        except Exception as err:
-            raise ConfigError(f"reward.num_workers: the tokenizer ({type(tokenizer).__name__}) cannot be sent to the "
-                              f"reward workers ({err}); set reward.num_workers=0 to score in this process") from None
+
+class RewardPool:
+    """``num_workers`` processes scoring (token ids, problem) as ``cfg`` says; ``submit`` returns a Future[Scored]."""
+
+    def __init__(self, cfg: RewardConfig, tokenizer: bytes, num_workers: int):
+        """``tokenizer``: from tokenizer_blob."""
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload([__name__])  # no effect once this process's forkserver runs: workers then import it
-        self._args = (list(sys.path), cfg, blob)
+        self._args = (list(sys.path), cfg, tokenizer)
         self._ctx, self._num_workers = ctx, num_workers
         self._limit = cfg.timeout_seconds + GRACE_S if cfg.timeout_seconds > 0 else None
         self._timeout = RewardResult(cfg.wrong_score, "timeout", None)
@@ -261,12 +268,13 @@ class RewardPool:
         samples sent after it go back to the front of the queue."""
         if not w.ready:
             raise RuntimeError(f"reward pool: a worker {why} before it was ready (its error is printed above)")
-        w.stop(kill=True)
-        if w.tasks:
+        w.process.kill()
+        if w.tasks:  # answered before the join: that waits on the forkserver, which a busy host may not run for a while
             log.warning("reward pool: a worker %s on a sample; scored as a timeout, worker replaced", why)
             self._resolve(w.tasks.popleft(), self._timeout)
             with self._lock:
                 self._pending.extendleft(reversed(w.tasks))
+        w.stop(kill=True)
         self.replaced += 1
         return _Worker(self._ctx, self._args)
 

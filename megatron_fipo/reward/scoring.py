@@ -10,6 +10,7 @@ import threading
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -19,7 +20,7 @@ from megatron_fipo.data.problems import Problem
 from megatron_fipo.data.tokenizer import Tokenizer
 from megatron_fipo.reward.math_reward import RewardResult
 from megatron_fipo.reward.outcome import outcome_reward
-from megatron_fipo.reward.pool import RewardPool
+from megatron_fipo.reward.pool import RewardPool, tokenizer_blob
 from megatron_fipo.rollout.base import Sample
 
 
@@ -34,7 +35,17 @@ class Scorer:
     def __init__(self, cfg: RewardConfig, tokenizer: Tokenizer, max_response_length: int):
         self.cfg, self.tokenizer, self.max_len = cfg, tokenizer, max_response_length
         self._reward = outcome_reward(cfg)  # imports reward.custom_reward here: a bad spec fails before any worker starts
-        self.pool = RewardPool(cfg, tokenizer, cfg.num_workers) if cfg.num_workers > 0 else None
+        self._pool: Optional[RewardPool] = None
+        self._pool_lock = threading.Lock()
+        self._tokenizer_blob = tokenizer_blob(tokenizer) if cfg.num_workers > 0 else b""  # a tokenizer that cannot travel fails here
+
+    @property
+    def pool(self) -> Optional[RewardPool]:
+        """The worker pool (reward.num_workers > 0), started on first use: ranks that never score start none."""
+        with self._pool_lock:
+            if self._pool is None and self.cfg.num_workers > 0:
+                self._pool = RewardPool(self.cfg, self._tokenizer_blob, self.cfg.num_workers)
+            return self._pool
 
     def reward(self, response: str, problem: Problem) -> RewardResult:
         return self._reward(response, problem)
@@ -76,8 +87,8 @@ class Scorer:
 
     def close(self) -> None:
         """Stop the reward workers (also done at exit when never called)."""
-        if self.pool is not None:
-            self.pool.close()
+        if self._pool is not None:
+            self._pool.close()
 
     def _assemble(self, groups: list[list[Sample]], results: list[list[RewardResult]]) -> GroupScores:
         counts = Counter(r.status for row in results for r in row)

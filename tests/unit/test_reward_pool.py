@@ -2,6 +2,7 @@
 that hold in the workers (a stuck worker is killed and replaced), a group at a time or in batches."""
 
 import pickle
+import time
 
 import pytest
 from helpers.reward_workload import EASY, PATHOLOGICAL, SET, workload, workload_tokenizer
@@ -14,7 +15,7 @@ from megatron_fipo.reward.pool import GRACE_S
 from megatron_fipo.reward.scoring import Scorer
 from megatron_fipo.rollout.base import Sample
 
-TIMEOUT = 1.5
+TIMEOUT = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +33,31 @@ def scorers(tokenizer):
     pooled.close()
 
 
+def _starved(serial_status: str, pool_status: str, serial_s: float, pool_held_s: float) -> bool:
+    """The side that timed out had the sample for its whole timeout: the host stopped it that long."""
+    return (serial_status == "timeout" and serial_s >= TIMEOUT) or (pool_status == "timeout" and pool_held_s >= TIMEOUT)
+
+
 def test_a_thousand_samples_score_as_serially_and_none_is_held_past_its_timeout(tokenizer, scorers):
     serial, pooled = scorers
-    work = [(tokenizer.encode(r), Problem((), t)) for r, t in workload(1000)]
-    want = [serial.reward(tokenizer.decode(ids), problem) for ids, problem in work]
+    pairs = workload(1000)
+    work = [(tokenizer.encode(r), Problem((), t)) for r, t in pairs]
+    want, serial_s = [], []
+    for ids, problem in work:
+        start = time.monotonic()
+        want.append(serial.reward(tokenizer.decode(ids), problem))
+        serial_s.append(time.monotonic() - start)
     got = [f.result() for f in [pooled.pool.submit(ids, problem) for ids, problem in work]]
-    assert [(g.result.score, g.result.status) for g in got] == [(w.score, w.status) for w in want]
-    statuses = [w.status for w in want]
-    assert statuses.count("timeout") == 2 and statuses.count("unparsable") >= 2
-    assert {"correct", "wrong", "no_answer"} <= set(statuses)
+    differ = [(i, w.status, g.result.status, round(serial_s[i], 3), round(g.held_s, 3))
+              for i, (w, g) in enumerate(zip(want, got)) if (g.result.score, g.result.status) != (w.score, w.status)]
+    # Timeouts are wall-clock: a host that stops a process for a whole timeout (this one's 2 shared
+    # cores do at times) times out a quick sample on that side. Only such differences, and few.
+    assert all(_starved(*d[1:]) for d in differ) and len(differ) <= 20, \
+        f"(sample, serial status, pool status, serial s, pool hold s): {differ}"
+    slow = [i for i, pair in enumerate(pairs) if pair in PATHOLOGICAL[:2]]
+    assert [(want[i].status, got[i].result.status) for i in slow] == [("timeout", "timeout")] * 2
+    statuses = {w.status for w in want}
+    assert {"correct", "wrong", "no_answer", "unparsable"} <= statuses
     assert max(g.held_s for g in got) <= TIMEOUT + 1.0
 
 
@@ -50,11 +67,13 @@ def test_groups_submitted_one_by_one_score_as_a_serial_batch(tokenizer, scorers)
     groups, problems = [], []
     for i, row in enumerate(rows):
         problems.append(Problem((), row[0][1]))
-        # Lengths 8-2..8: the overlong penalty (4 tokens before 8) differs within a group.
+        # At most 9, 8, 7, 6 tokens: the overlong penalty (from 4 tokens before 8) differs within a group.
         groups.append([Sample([1], tokenizer.encode(r)[:9 - j], [], "stop", 0) for j, (r, _) in enumerate(row)])
     want = serial.score(groups, problems)
-    one_by_one = [pooled.submit(g, p) for g, p in zip(groups, problems)]
-    for k, future in enumerate(one_by_one):
+    pooled_futures = [pooled.submit(g, p) for g, p in zip(groups, problems)]
+    serial_futures = [serial.submit(g, p) for g, p in zip(groups, problems)]  # no pool: scored at once
+    for k, future in enumerate(pooled_futures + serial_futures):
+        k %= len(groups)
         got = future.result()
         assert got.rewards.tolist() == want.rewards[k:k + 1].tolist()
         assert got.correct.tolist() == want.correct[k:k + 1].tolist()
@@ -81,7 +100,7 @@ def test_a_stuck_worker_is_killed_and_replaced_and_a_reward_error_reaches_the_ca
         scorer.pool.submit([1], problem)
 
 
-def test_close_fails_what_is_not_scored_and_stops_the_workers(tokenizer):
+def test_close_fails_what_is_not_scored_and_can_be_repeated(tokenizer):
     scorer = Scorer(RewardConfig(num_workers=1), tokenizer, 8)
     pending = [scorer.pool.submit(tokenizer.encode("Answer: 1"), Problem((), "1")) for _ in range(50)]
     scorer.close()
@@ -95,9 +114,6 @@ def test_bad_settings_name_the_field():
         RewardConfig(num_workers=-1)
 
     class Unpicklable:
-        decode = staticmethod(lambda ids: "")
-        local = lambda self: None  # noqa: E731
-
         def __reduce__(self):
             raise pickle.PicklingError("no")
 
