@@ -5,7 +5,7 @@ Prints, measured in this run: total time serial and pooled and their ratio, each
 worker (from its start there to its result: bounded by timeout + grace) and its wait in the queue, and
 the parent's cost per token of decoding in the parent vs shipping ids to workers that decode.
 
-    .venv/bin/python tools/bench_reward_pool.py [--workers 2] [--timeout 1.5] [--samples 1000]
+    .venv/bin/python tools/bench_reward_pool.py [--workers 2] [--timeout 2.0] [--samples 1000]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from megatron_fipo.reward.scoring import Scorer  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--timeout", type=float, default=1.5)
+    ap.add_argument("--timeout", type=float, default=2.0)
     ap.add_argument("--samples", type=int, default=1000)
     args = ap.parse_args()
     tok = workload_tokenizer()
