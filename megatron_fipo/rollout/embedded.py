@@ -168,7 +168,8 @@ class EmbeddedStream:
 
     Nothing is in flight between chunks, so a cancel has nothing to cut short. One generator seeded
     with the stream's seed samples every chunk in turn: given the requests, the samples are the same
-    in every run (resume equals uninterrupted).
+    in every run (resume equals uninterrupted). Its stats cover the chunks' decoding only: the
+    caller scores in between, while nothing runs here.
     """
 
     blocking = True
