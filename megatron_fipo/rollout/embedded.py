@@ -178,14 +178,18 @@ class EmbeddedStream:
         self.engine, self.requests, self.sampling = engine, iter(requests), sampling
         self.generator = torch.Generator(device=engine.device).manual_seed(seed)
         self.stats = StreamStats(busy_s=[0.0], slot_s=[0.0])
-        self.cancelled = False
+        self.cancelled = self.exhausted = False
         self.left: deque[GroupResult] = deque()  # the chunk's groups not yet taken
 
     def __iter__(self) -> Iterator[GroupResult]:
         while not self.cancelled:
             chunk = self._next_chunk()
+            while self.left and not self.cancelled:  # carried groups, handed back as they are
+                yield self.left.popleft()
             if not chunk:
-                return
+                if self.exhausted:
+                    return
+                continue
             started = time.monotonic()
             flat = [r.prompt_ids for r in chunk for _ in range(r.n)]
             samples = self.engine._generate_batch(flat, self.sampling, self.generator)
@@ -203,15 +207,19 @@ class EmbeddedStream:
                 yield self.left.popleft()
 
     def _next_chunk(self) -> list[GroupRequest]:
-        """Requests whose sequences fill max_batch (at least one group)."""
+        """Requests whose sequences fill max_batch; a carried group ends a chunk (it is handed back as is)."""
         chunk, size = [], 0
         for request in self.requests:
-            if request.partial is not None:
-                raise ValueError("embedded engine: it never cuts a group short, so it has no partial group to continue")
+            if request.partial is not None:  # a carried group: complete, as nothing is in flight here to cut
+                if not all(s.finished for s in request.partial):
+                    raise ValueError("embedded engine: it cannot continue a partial sample (it never cuts one short)")
+                self.left.append(GroupResult(request.key, request.partial, 0, 0, 0.0, time.monotonic()))
+                return chunk
             chunk.append(request)
             size += request.n
             if size + request.n > self.engine.max_batch:
-                break
+                return chunk
+        self.exhausted = True
         return chunk
 
     def cancel(self) -> list[GroupResult]:

@@ -166,3 +166,22 @@ def test_a_stop_signal_aborts_an_sglang_rollout(doubles, tmp_path):
     server.generate_delay_s = 0.0
     (group,) = engine.generate([[3]], 2, SAMPLING, seed=0)  # the abort was for that call only
     assert [s.finish_reason for s in group] == ["length", "length"]
+
+
+def test_the_embedded_stream_samples_as_generate_does_and_hands_carried_groups_back(tmp_path):
+    from megatron_fipo.bridge.hf_io import HFCheckpointReader
+    from megatron_fipo.bridge.mapping import hf_names
+    from megatron_fipo.rollout.embedded import EmbeddedEngine
+    from megatron_fipo.testing import make_hf_checkpoint
+
+    reader = HFCheckpointReader(make_hf_checkpoint(tmp_path / "hf"))
+    engine = EmbeddedEngine(reader.arch(), max_batch=8)
+    engine.update_weights([[(n, reader.read(n)) for n in hf_names(reader.arch())]], version=1)
+    prompts = [[1, 2], [3, 4], [5, 6], [7, 8], [9]]
+    want = engine.generate(prompts, 2, SAMPLING, seed=3)  # max_batch 8: the same chunks as the stream's
+    got = {r.key: r.samples for r in engine.stream(iter(GroupRequest(i, p, 2) for i, p in enumerate(prompts)),
+                                                     SAMPLING, seed=3)}
+    assert [[s.response_ids for s in got[i]] for i in range(5)] == [[s.response_ids for s in g] for g in want]
+    carried = GroupRequest("carried", prompts[0], 2, partial=want[0])  # complete: handed back, not generated
+    out = list(engine.stream(iter([carried, GroupRequest(0, prompts[1], 2)]), SAMPLING, seed=3))
+    assert [r.key for r in out] == ["carried", 0] and out[0].samples is want[0] and out[0].new_tokens == 0
