@@ -23,14 +23,23 @@ def tokenizer():
     return workload_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def scorers(tokenizer):
-    reward = dict(timeout_seconds=TIMEOUT, overlong_buffer_length=4, overlong_penalty_factor=0.5)
+def _serial_and_pooled(tokenizer, timeout: float):
+    reward = dict(timeout_seconds=timeout, overlong_buffer_length=4, overlong_penalty_factor=0.5)
     warm_up()  # as each worker is before its first sample: the serial reference is then scored on the same clock
-    serial = Scorer(RewardConfig(**reward), tokenizer, 8)
-    pooled = Scorer(RewardConfig(num_workers=2, **reward), tokenizer, 8)
+    serial, pooled = Scorer(RewardConfig(**reward), tokenizer, 8), Scorer(RewardConfig(num_workers=2, **reward), tokenizer, 8)
     yield serial, pooled
     pooled.close()
+
+
+@pytest.fixture
+def timed(tokenizer):
+    yield from _serial_and_pooled(tokenizer, TIMEOUT)
+
+
+@pytest.fixture
+def untimed(tokenizer):
+    """No time limit: the same statuses however busy the host (only quick answers go to these)."""
+    yield from _serial_and_pooled(tokenizer, 0.0)
 
 
 def _starved(serial_status: str, pool_status: str, serial_s: float, pool_held_s: float) -> bool:
@@ -38,8 +47,8 @@ def _starved(serial_status: str, pool_status: str, serial_s: float, pool_held_s:
     return (serial_status == "timeout" and serial_s >= TIMEOUT) or (pool_status == "timeout" and pool_held_s >= TIMEOUT)
 
 
-def test_a_thousand_samples_score_as_serially_and_none_is_held_past_its_timeout(tokenizer, scorers):
-    serial, pooled = scorers
+def test_a_thousand_samples_score_as_serially_and_none_is_held_past_its_timeout(tokenizer, timed):
+    serial, pooled = timed
     pairs = workload(1000)
     work = [(tokenizer.encode(r), Problem((), t)) for r, t in pairs]
     want, serial_s = [], []
@@ -61,9 +70,9 @@ def test_a_thousand_samples_score_as_serially_and_none_is_held_past_its_timeout(
     assert max(g.held_s for g in got) <= TIMEOUT + 1.0
 
 
-def test_groups_submitted_one_by_one_score_as_a_serial_batch(tokenizer, scorers):
-    serial, pooled = scorers
-    rows = [EASY[:4], EASY[3:], [PATHOLOGICAL[1], SET, PATHOLOGICAL[2], ("Answer: 8", "8")]]
+def test_groups_submitted_one_by_one_score_as_a_serial_batch(tokenizer, untimed):
+    serial, pooled = untimed
+    rows = [EASY[:4], EASY[3:], [("Answer: 9", "8"), SET, PATHOLOGICAL[2], ("Answer: 8", "8")]]
     groups, problems = [], []
     for i, row in enumerate(rows):
         problems.append(Problem((), row[0][1]))
