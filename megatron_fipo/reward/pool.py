@@ -43,10 +43,6 @@ log = logging.getLogger(__name__)
 # Past its own SIGALRM limit, how long a worker may take to answer before it is killed: the decode,
 # the answer's extraction and the reply fit in it many times over.
 GRACE_S = 0.5
-# Samples sent to a worker at once: it starts the next as it replies, not a round trip through the
-# parent (whose dispatcher thread waits for the GIL) later. A second sample is sent only once every
-# worker has one; it can wait behind a slow first one, at most that one's deadline.
-DEPTH = 2
 
 
 @dataclass
@@ -62,8 +58,7 @@ class _Task:
     problem: Problem
     future: Future
     submitted: float  # time.monotonic()
-    started: float = 0.0  # when it became the first of its worker's samples
-    running: bool = False  # its future is marked running (it may go back to the queue from a killed worker)
+    started: float = 0.0  # when a worker took it
 
 
 def _picklable(err: BaseException) -> BaseException:
@@ -111,7 +106,9 @@ class _Worker:
         self.process.start()
         child.close()
         self.ready = False
-        self.tasks: deque[_Task] = deque()  # sent, in the order the worker takes them; the first is being scored
+        # One sample at a time: a send to a busy worker could block the dispatcher (a long response
+        # fills the pipe) until that worker is done, deadlines and all.
+        self.task: Optional[_Task] = None
 
     def stop(self, kill: bool) -> None:
         if kill:
@@ -196,7 +193,7 @@ class RewardPool:
                     if self._closed:
                         break
                 self._dispatch(workers)
-                busy = [w.tasks[0].started + self._limit for w in workers if w.tasks and self._limit]
+                busy = [w.task.started + self._limit for w in workers if w.task is not None and self._limit]
                 timeout = max(min(busy) - time.monotonic(), 0.0) if busy else None
                 ready = wait([self._wake_r, *(w.conn for w in workers), *(w.process.sentinel for w in workers)], timeout)
                 if self._wake_r in ready:
@@ -210,7 +207,7 @@ class RewardPool:
                             pass
                     if w.process.sentinel in ready or not w.process.is_alive():
                         workers[i] = self._replace(w, why=f"exited with code {w.process.exitcode}")
-                    elif w.tasks and self._limit and time.monotonic() >= w.tasks[0].started + self._limit:
+                    elif w.task is not None and self._limit and time.monotonic() >= w.task.started + self._limit:
                         workers[i] = self._replace(w, why=f"took over {self._limit:.1f} s")
         except BaseException as err:  # a worker that cannot start, or a bug: no caller may wait forever
             log.exception("reward pool: stopped")
@@ -220,27 +217,24 @@ class RewardPool:
             self._shutdown(workers)
 
     def _dispatch(self, workers: list[_Worker]) -> None:
-        for depth in range(DEPTH):  # one sample to every worker before a second to any
-            for w in workers:
-                if not w.ready or len(w.tasks) != depth:
-                    continue
-                task = self._next_task()
-                if task is None:
-                    return
-                if not w.tasks:
-                    task.started = time.monotonic()
-                w.tasks.append(task)
-                try:
-                    w.conn.send((task.ids, task.problem))
-                except OSError:  # the worker just died: the loop replaces it
-                    pass
+        for w in workers:
+            if not w.ready or w.task is not None:
+                continue
+            task = self._next_task()
+            if task is None:
+                return
+            task.started = time.monotonic()
+            w.task = task
+            try:
+                w.conn.send((task.ids, task.problem))
+            except OSError:  # the worker just died: the loop replaces it and scores the task as a timeout
+                pass
 
     def _next_task(self) -> Optional[_Task]:
         with self._lock:
             while self._pending:
                 task = self._pending.popleft()
-                if task.running or task.future.set_running_or_notify_cancel():  # else cancelled while queued
-                    task.running = True
+                if task.future.set_running_or_notify_cancel():  # else cancelled while queued
                     return task
         return None
 
@@ -251,9 +245,7 @@ class RewardPool:
         elif kind == "failed":
             raise ConfigError(f"reward.num_workers: a reward worker could not start: {value!r}") from value
         else:
-            task = w.tasks.popleft()
-            if w.tasks:
-                w.tasks[0].started = time.monotonic()
+            task, w.task = w.task, None
             if kind == "ok":
                 self._resolve(task, value)
             else:
@@ -264,16 +256,13 @@ class RewardPool:
         task.future.set_result(Scored(result, task.started - task.submitted, now - task.started))
 
     def _replace(self, w: _Worker, why: str) -> _Worker:
-        """A new worker for one killed past its deadline or dead: its sample scores as a timeout, the
-        samples sent after it go back to the front of the queue."""
+        """A new worker for one killed past its deadline or dead; its sample scores as a timeout."""
         if not w.ready:
             raise RuntimeError(f"reward pool: a worker {why} before it was ready (its error is printed above)")
         w.process.kill()
-        if w.tasks:  # answered before the join: that waits on the forkserver, which a busy host may not run for a while
+        if w.task is not None:  # answered before the join: that waits on the forkserver, which a busy host may not run for a while
             log.warning("reward pool: a worker %s on a sample; scored as a timeout, worker replaced", why)
-            self._resolve(w.tasks.popleft(), self._timeout)
-            with self._lock:
-                self._pending.extendleft(reversed(w.tasks))
+            self._resolve(w.task, self._timeout)
         w.stop(kill=True)
         self.replaced += 1
         return _Worker(self._ctx, self._args)
@@ -282,10 +271,10 @@ class RewardPool:
         with self._lock:
             self._closed = True
             failure = self._failure
-            orphans = [t for w in workers for t in w.tasks] + list(self._pending)
+            orphans = [w.task for w in workers if w.task is not None] + list(self._pending)
             self._pending.clear()
         for w in workers:
-            w.stop(kill=bool(w.tasks))
+            w.stop(kill=w.task is not None)
         for task in orphans:
             if not task.future.done():
                 task.future.set_exception(failure or RuntimeError("the reward pool closed before this sample was scored"))

@@ -96,10 +96,12 @@ def test_a_stuck_worker_is_killed_and_replaced_and_a_reward_error_reaches_the_ca
     scorer = Scorer(cfg, tokenizer, 8)
     try:
         problem = Problem((), "12")
-        stuck, right, wrong = (scorer.pool.submit(tokenizer.encode(r), problem) for r in ["hang", "12", "13"])
+        # A long response queued behind the stuck one (~600 kB pickled: more than a pipe holds) must not
+        # hold up the deadline of the stuck one.
+        stuck, long, right, wrong = (scorer.pool.submit(tokenizer.encode(r), problem) for r in ["hang", "1" * 300_000, "12", "13"])
         assert (stuck.result().result.score, stuck.result().result.status) == (-1.0, "timeout")
         assert stuck.result().held_s <= 0.3 + GRACE_S + 1.0
-        assert [f.result().result.status for f in (right, wrong)] == ["correct", "wrong"]  # by the new worker
+        assert [f.result().result.status for f in (long, right, wrong)] == ["wrong", "correct", "wrong"]  # by the new worker
         assert scorer.pool.replaced == 1
         with pytest.raises(TypeError, match="reward_pool_hooks:exact_or_stuck returned 'yes'"):
             scorer.score([[Sample([1], tokenizer.encode("bad"), [], "stop", 0)]], [problem])
