@@ -116,6 +116,7 @@ class StepResult:
     kept_tokens: int
     phases: list[Phase] = field(default_factory=list)
     drawn: int = 0
+    cancel_s: float = 0.0  # stream: from the last kept group until cancel() returned
 
 
 def batch_generate(https: list[SGLangHTTP], prompts: list[list[int]], n: int, params: dict) -> list[list[int]]:
@@ -183,7 +184,9 @@ def stream_step(engine, fleet: Fleet, work: Workload, step: int, sampling: Sampl
             kept += 1
             result.kept_tokens += sum(len(s.response_ids) for s in group.samples)
         if kept >= work.keep:
+            cut = time.monotonic()
             stream.cancel()
+            result.cancel_s = time.monotonic() - cut
             break
     phase = fleet.since(mark)
     result.phases.append(phase)
@@ -203,6 +206,8 @@ def report(name: str, steps: list[StepResult], engines: int) -> float:
     print(f"  makespan / longest sequence per batch: {', '.join(f'{x:.2f}' for x in spans)}   (goal <= 1.3)")
     print(f"  tokens generated per kept token: {generated / kept:.2f} ({generated} / {kept}); "
           f"aborted sequences: {sum(p.aborted for p in phases)}")
+    if any(s.cancel_s for s in steps):
+        print(f"  of which the cancel (abort, aborted requests back): {', '.join(f'{s.cancel_s:.2f}' for s in steps)} s")
     return per_step
 
 

@@ -6,6 +6,10 @@ Starts one real CPU server (.venv-sglang, tools/sglang_cpu/python) on a tiny ran
 by least squares, then sends the same requests (one per sequence, long-tailed lengths drawn by the
 double's length model, more sequences than slots so some queue) to the real server and to a double
 timed with the fit, and prints both makespans and their ratio.
+
+Each is measured twice: in wall seconds, and in CPU seconds of the server's scheduler process (where
+SGLang runs the model). On a host other jobs load, wall time mostly measures the load; the
+scheduler's CPU time is the work itself. The double's CPU-fit makespan is its simulated decode time.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import torch
 
 from megatron_fipo.rollout.sglang_http import SGLangHTTP
@@ -40,22 +45,52 @@ def start_server(model: Path, port: int, slots: int, log: Path) -> subprocess.Po
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def timed(http: SGLangHTTP, prompts: list[list[int]], new_tokens: list[int]) -> float:
-    """Wall seconds until every sequence (one request each, sent at once) has its tokens."""
+def scheduler_of(proc: subprocess.Popen) -> psutil.Process:
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        if "sglang::scheduler" in " ".join(child.cmdline()):
+            return child
+    raise SystemExit("no sglang::scheduler process under the server")
+
+
+def cpu_s(process: psutil.Process | None) -> float:
+    if process is None:
+        return 0.0
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def timed(http: SGLangHTTP, prompts: list[list[int]], new_tokens: list[int],
+          scheduler: psutil.Process | None = None) -> tuple[float, float]:
+    """Wall seconds, and the scheduler's CPU seconds, until every sequence (one request each, sent at
+    once) has its tokens."""
     def one(i: int) -> None:
         http.post("/generate", {"input_ids": prompts[i], "sampling_params": {
             "max_new_tokens": new_tokens[i], "ignore_eos": True, "temperature": 1.0}})
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_s(scheduler)
     with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
         list(pool.map(one, range(len(prompts))))
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cpu_s(scheduler) - cpu
 
 
-def step_time(http: SGLangHTTP, running: int, short: int, long: int, repeats: int) -> float:
+def step_time(http: SGLangHTTP, scheduler: psutil.Process, running: int, short: int, long: int,
+              repeats: int) -> tuple[float, float]:
+    """(wall, scheduler CPU) seconds per decode step with ``running`` sequences."""
     prompts = [[(7 * i + j) % 200 + 1 for j in range(8)] for i in range(running)]
-    best = {t: min(timed(http, prompts, [t] * running) for _ in range(repeats)) for t in (short, long)}
-    return (best[long] - best[short]) / (long - short)
+    runs = {t: [timed(http, prompts, [t] * running, scheduler) for _ in range(repeats)] for t in (short, long)}
+    return tuple((min(r[k] for r in runs[long]) - min(r[k] for r in runs[short])) / (long - short) for k in (0, 1))
+
+
+def fit(points: dict[int, float]) -> tuple[float, float]:
+    x = torch.tensor([[1.0, n] for n in points], dtype=torch.float64)
+    y = torch.tensor(list(points.values()), dtype=torch.float64).unsqueeze(1)
+    a, b = torch.linalg.lstsq(x, y).solution.squeeze(1).tolist()
+    return a, b
+
+
+def timing(slots: int, a: float, b: float, scale: float = 1.0) -> DecodeTiming:
+    # A negative intercept (noise at one running) is clamped: a step takes some time.
+    return DecodeTiming(max_running_requests=slots, step_s=max(a, 1e-6), step_per_seq_s=max(b, 0.0), time_scale=scale)
 
 
 def main() -> None:
@@ -64,7 +99,8 @@ def main() -> None:
     parser.add_argument("--running", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--short", type=int, default=8)
     parser.add_argument("--long", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per point; the fastest counts")
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--sequences", type=int, default=48, help="makespan workload: sequences (> slots)")
     parser.add_argument("--median", type=float, default=24.0, help="makespan workload: median length")
     parser.add_argument("--cap", type=int, default=96, help="makespan workload: max_new_tokens")
@@ -84,32 +120,43 @@ def main() -> None:
             print(f"real server: max_running_requests={info['max_running_requests']}, effective "
                   f"{info['internal_states'][0]['effective_max_running_requests_per_dp']}, cpu threads "
                   f"{os.cpu_count()}, load {os.getloadavg()[0]:.1f}")
+            scheduler = scheduler_of(proc)
             timed(http, [[1, 2, 3]], [4])  # warm-up
-            steps = {r: step_time(http, r, args.short, args.long, args.repeats) for r in args.running}
-            x = torch.tensor([[1.0, r] for r in steps], dtype=torch.float64)
-            y = torch.tensor(list(steps.values()), dtype=torch.float64)
-            a, b = torch.linalg.lstsq(x, y.unsqueeze(1)).solution.squeeze(1).tolist()
-            for r, t in steps.items():
-                print(f"  running {r:3d}: {1000 * t:7.2f} ms/step measured, fit {1000 * (a + b * r):7.2f}")
-            print(f"fit: t_step = {1000 * a:.2f} ms + {1000 * b:.3f} ms x running")
             shape = DecodeTiming(length_median=args.median, seed=1)
             prompts = [[(11 * i + j) % 200 + 1 for j in range(8)] for i in range(args.sequences)]
             lengths = [shape.length(p, 0, args.cap, ignore_eos=False) for p in prompts]
-            real = timed(http, prompts, lengths)
+            rounds = []  # the host's load moves: each round fits and runs the workload back to back
+            for r in range(args.rounds):
+                steps = {n: step_time(http, scheduler, n, args.short, args.long, args.repeats) for n in args.running}
+                fits = [fit({n: t[k] for n, t in steps.items()}) for k in (0, 1)]
+                print(f"round {r} (load {os.getloadavg()[0]:.1f}): ms/step wall | scheduler CPU: "
+                      + ", ".join(f"{n} running {1000 * w:.1f} | {1000 * c:.1f}" for n, (w, c) in steps.items()))
+                for name, (a, b) in zip(("wall", "CPU"), fits):
+                    print(f"  fit ({name}): t_step = {1000 * a:.2f} ms + {1000 * b:.3f} ms x running")
+                rounds.append((fits, timed(http, prompts, lengths, scheduler)))
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-    double = SGLangDouble(timing=DecodeTiming(max_running_requests=args.slots, step_s=max(a, 1e-6),
-                                              step_per_seq_s=max(b, 0.0)))
-    try:
-        simulated = timed(SGLangHTTP(double.url), prompts, lengths)
-    finally:
-        double.close()
-    print(f"same {args.sequences} requests ({sum(lengths)} tokens, longest {max(lengths)}, {args.slots} slots): "
-          f"real {real:.2f} s, double {simulated:.2f} s, double / real = {simulated / real:.2f}")
+    print(f"workload: {args.sequences} requests at once, {sum(lengths)} tokens, longest {max(lengths)}, "
+          f"{args.slots} slots")
+    for r, ((wall_fit, cpu_fit), (real_wall, real_cpu)) in enumerate(rounds):
+        double = SGLangDouble(timing=timing(args.slots, *wall_fit))
+        try:
+            simulated_wall, _ = timed(SGLangHTTP(double.url), prompts, lengths)
+        finally:
+            double.close()
+        double = SGLangDouble(timing=timing(args.slots, *cpu_fit, scale=0.01))
+        try:
+            timed(SGLangHTTP(double.url), prompts, lengths)
+            simulated_cpu = double.decoder.stats()["decode_s"]  # simulated seconds, whatever the scale
+        finally:
+            double.close()
+        print(f"round {r}: wall: real {real_wall:.2f} s, double {simulated_wall:.2f} s, double / real = "
+              f"{simulated_wall / real_wall:.2f}; scheduler CPU: real {real_cpu:.2f} s, double (CPU fit) "
+              f"{simulated_cpu:.2f} s, double / real = {simulated_cpu / real_cpu:.2f}")
 
 
 if __name__ == "__main__":
