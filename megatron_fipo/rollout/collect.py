@@ -92,7 +92,7 @@ class _KeptGroups:
         latency = torch.tensor(self.latencies or [0.0])
         window = max(stream.wall_s, 1e-9)
         busy = [b / window for b in stream.busy_s] or [0.0]
-        stats = {
+        stats = {  # what is measured in seconds is under time/, throughput/ and perf/ (it differs between runs)
             # Generation batches' worth of prompts drawn (what `megatron-fipo plan --calibrate` reads).
             "rollout/gen_batches": self.drawn / per_batch,
             "rollout/prompts_drawn": self.drawn,
@@ -104,14 +104,14 @@ class _KeptGroups:
             "rollout/tokens_per_kept_token": self.tokens_generated / max(lengths.sum().item(), 1.0),
             "rollout/aborted_sequences": stream.aborted_sequences,
             "rollout/retried_requests": stream.retried_requests,
-            "rollout/tokens_per_s": self.tokens_generated / window,
-            "rollout/engine_busy_min": min(busy),
-            "rollout/engine_busy_mean": sum(busy) / len(busy),
-            "rollout/slot_occupancy_mean": sum(stream.slot_s) / window / max(len(stream.slot_s), 1),
-            "rollout/sample_latency_p50_s": latency.quantile(0.5).item(),
-            "rollout/sample_latency_p99_s": latency.quantile(0.99).item(),
-            "reward/wait_mean_s": sum(self.reward_waits) / max(len(self.reward_waits), 1),
-            "reward/wait_max_s": max(self.reward_waits, default=0.0),
+            "throughput/rollout_generated_tokens_per_s": self.tokens_generated / window,
+            "perf/rollout_engine_busy_min": min(busy),
+            "perf/rollout_engine_busy_mean": sum(busy) / len(busy),
+            "perf/rollout_slot_occupancy_mean": sum(stream.slot_s) / window / max(len(stream.slot_s), 1),
+            "time/rollout_sample_latency_p50_s": latency.quantile(0.5).item(),
+            "time/rollout_sample_latency_p99_s": latency.quantile(0.99).item(),
+            "time/reward_wait_mean_s": sum(self.reward_waits) / max(len(self.reward_waits), 1),
+            "time/reward_wait_max_s": max(self.reward_waits, default=0.0),
             "time/reward_s": self.reward_seconds,
             "rollout/accuracy": torch.stack(correct).float().mean().item(),
             "reward/mean": torch.stack(rewards).mean().item(),
