@@ -16,7 +16,7 @@ import torch
 from megatron_fipo.config import RunConfig
 from megatron_fipo.config_base import ConfigError, load_config
 from megatron_fipo.data.problems import Problem, ProblemStream
-from megatron_fipo.rollout.async_rollout import (AsyncRollout, Buffered, buffer_from_state, buffer_state, drop_groups,
+from megatron_fipo.rollout.async_rollout import (AsyncRollout, buffer_from_state, buffer_state, drop_groups,
                                                  stale_groups)
 from megatron_fipo.rollout.base import GenerationAborted, Sample
 from megatron_fipo.rollout.collect import StepBatch
