@@ -13,6 +13,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from megatron_fipo.actor.actor import MegatronActor, build_actor
 from megatron_fipo.actor.checkpoint import (latest_step, load_checkpoint, load_megatron_weights, model_checkpoint_dir,
                                            save_checkpoint)
-from megatron_fipo.algo import dynamic_sampling_mask, group_advantages
+from megatron_fipo.algo import group_advantages
 from megatron_fipo.bridge.hf_io import HFCheckpointReader
 from megatron_fipo.bridge.weights import iter_hf_buckets, load_hf_weights
 from megatron_fipo.config import RunConfig
@@ -35,9 +36,11 @@ from megatron_fipo.plan.step_time import ModelShape, train_flops
 from megatron_fipo.plotting import plot_run
 from megatron_fipo.progress import progress_bar
 from megatron_fipo.reward.scoring import Scorer
-from megatron_fipo.rollout.base import GenerationAborted, Sample, SamplingParams
+from megatron_fipo.rollout.base import GenerationAborted, SamplingParams
+from megatron_fipo.rollout.collect import Collector, StepBatch
 from megatron_fipo.rollout.factory import build_engine, build_handoff
-from megatron_fipo.sequences import SequenceBatch, pad_rows
+from megatron_fipo.rollout.shares import Share, ShareChannel, pack_shares
+from megatron_fipo.sequences import SequenceBatch
 from megatron_fipo.stop import StopFlag
 
 log = logging.getLogger("megatron_fipo")
@@ -58,60 +61,16 @@ class RunState:
     pending_metrics: dict = field(default_factory=dict)
 
 
-@dataclass
-class StepBatch:
-    groups: list[list[Sample]]
-    rewards: torch.Tensor  # [G, n]
-    stats: dict[str, float]
-
-
-@dataclass
-class _KeptGroups:
-    """The rollout's generation batches so far: the groups dynamic sampling kept, and counts."""
-
-    groups: list[list[Sample]] = field(default_factory=list)
-    rewards: list[torch.Tensor] = field(default_factory=list)
-    correct: list[torch.Tensor] = field(default_factory=list)
-    statuses: dict[str, int] = field(default_factory=dict)
-    batches: int = 0
-    dropped: int = 0
-    samples_generated: int = 0  # every sampled response, kept or dropped by dynamic sampling
-    tokens_generated: int = 0
-    reward_seconds: float = 0.0  # of the rollout's time, spent scoring
-
-    def step_batch(self, size: int) -> Optional[StepBatch]:
-        """The first ``size`` kept groups with the rollout's statistics; None when none was kept."""
-        if not self.groups:
-            return None
-        kept, rewards, correct = self.groups[:size], self.rewards[:size], self.correct[:size]
-        lengths = torch.tensor([len(s.response_ids) for g in kept for s in g], dtype=torch.float32)
-        total = sum(self.statuses.values())
-        stats = {
-            "rollout/gen_batches": self.batches,
-            "rollout/groups_kept": len(kept),
-            "rollout/groups_dropped": self.dropped,
-            "rollout/samples_generated": self.samples_generated,
-            "rollout/tokens_generated": self.tokens_generated,
-            "time/reward_s": self.reward_seconds,
-            "rollout/accuracy": torch.stack(correct).float().mean().item(),
-            "reward/mean": torch.stack(rewards).mean().item(),
-            "response_length/mean": lengths.mean().item(),
-            "response_length/max": lengths.max().item(),
-            "response_length/clip_frac": sum(s.finish_reason == "length" for g in kept for s in g) / lengths.numel(),
-            **{f"reward/{k}_frac": v / total for k, v in self.statuses.items()},
-        }
-        return StepBatch(kept, torch.stack(rewards), stats)
-
-
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _broadcast(obj):
+def _broadcast(obj, group):
+    """Rank 0's object on every rank, over ``group``: the CPU (gloo) one, as SGLang may hold the GPUs."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
@@ -128,6 +87,8 @@ class Trainer:
         arch = ModelArch.from_hf_config(cfg.actor.model_config)
         self.actor: MegatronActor = build_actor(cfg, arch)
         self.stop.connect(cfg.parallel.distributed_timeout_minutes)
+        self.shares = ShareChannel(self.stop.group, self.actor.ps.get_data_parallel_rank(),
+                                   timedelta(minutes=cfg.parallel.distributed_timeout_minutes))
         self.is_rank0 = _rank() == 0
         if self.is_rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +101,9 @@ class Trainer:
         self.flops_shape = ModelShape.from_arch(arch)  # model FLOPs of an update, for perf/mfu
         self.engine = build_engine(cfg, arch) if self.is_rank0 else None
         self.handoff = build_handoff(cfg, self.engine)  # each node loads its own servers, or None
-        self.scorer = Scorer(cfg.reward, self.data.tokenizer, cfg.rollout.max_response_length)
+        # Rank 0 scores (rollouts and eval), in reward.num_workers processes when set.
+        self.scorer = Scorer(cfg.reward, self.data.tokenizer, cfg.rollout.max_response_length) if self.is_rank0 else None
+        self.collector = Collector(cfg, self.engine, self.scorer, data) if self.is_rank0 else None
         self.metrics = MetricsLogger(self.run_dir, cfg.trainer.tensorboard, cfg.trainer.wandb_project,
                                      asdict(cfg)) if self.is_rank0 else None
         self.state = RunState()
@@ -330,59 +293,55 @@ class Trainer:
             scores = self.scorer.score(groups, problems)
             lengths = [len(s.response_ids) for g in groups for s in g]
             result = {"accuracy": scores.correct.float().mean().item(), "response_length": sum(lengths) / len(lengths)}
-        return _broadcast(result)
+        return _broadcast(result, self.stop.group)
 
     def _collect(self) -> Optional[StepBatch]:
-        """Generation batches (rank 0) until prompts_per_step groups with non-identical rewards.
+        """The step's rollout on rank 0 (streaming dynamic sampling, rollout/collect.py), then a stop agreement.
 
-        Every rank takes part in the stop agreement after each batch. On a stop the step is given up:
-        the data stream goes back to where the step began (the sampling seeds are a function of the
-        step and the batch index), so a resumed run generates this step again, the same. Returns the
-        batch on every rank, or None when stopped.
+        On a stop the step is given up: the data stream goes back to where the step began (the
+        sampling seeds are a function of the step), so a resumed run generates this step again, the
+        same. Returns the batch on rank 0 (None on the others: ``_hand_out`` gives each rank its
+        share), or None when stopped.
         """
-        tr = self.cfg.trainer
         position = self.data.train_stream.position
-        pool = _KeptGroups() if self.is_rank0 else None
-        if pool is not None and hasattr(self.engine, "abort"):
-            self.stop.on_signal = self.engine.abort  # a signal on rank 0 cuts the batch in flight short
-        try:
-            while True:
-                if pool is not None:
-                    self._generation_batch(pool)
-                done = pool is not None and (len(pool.groups) >= tr.prompts_per_step or pool.batches >= tr.max_gen_batches)
-                stop, done = self.stop.agree(done)
-                if stop:
-                    self.data.train_stream.position = position
-                    return None
-                if done:
-                    return _broadcast(pool.step_batch(tr.prompts_per_step) if pool is not None else None)
-        finally:
-            self.stop.on_signal = None
+        batch = None
+        if self.is_rank0:
+            self.stop.on_signal = getattr(self.engine, "abort", None)  # a signal on rank 0 cuts the rollout short
+            try:
+                batch = self.collector.collect(self.state.step, self._sampling(eval_mode=False))
+            except GenerationAborted:
+                pass  # this rank's stop flag is set: the agreement below stops the step
+            finally:
+                self.stop.on_signal = None
+        if self.stop.agree()[0]:
+            self.data.train_stream.position = position
+            return None
+        return batch
 
-    def _generation_batch(self, pool: _KeptGroups) -> None:
-        """One batch of prompts: generate, score, keep the groups dynamic sampling keeps."""
-        tr, r = self.cfg.trainer, self.cfg.rollout
-        problems = self.data.train_stream.take(tr.gen_prompts_per_batch)
-        seed = tr.seed * 1_000_003 + self.state.step * 1009 + pool.batches
-        try:
-            groups = self.engine.generate([self.data.prompt_ids(p) for p in problems], r.n_samples,
-                                          self._sampling(eval_mode=False), seed=seed)
-        except GenerationAborted:
-            return  # this rank's stop flag is set: the agreement that follows stops the step
-        scored = time.time()
-        scores = self.scorer.score(groups, problems)
-        pool.reward_seconds += time.time() - scored
-        pool.samples_generated += sum(len(g) for g in groups)
-        pool.tokens_generated += sum(len(s.response_ids) for g in groups for s in g)
-        for k, v in scores.status_counts.items():
-            pool.statuses[k] = pool.statuses.get(k, 0) + v
-        keep = dynamic_sampling_mask(scores.rewards) if tr.dynamic_sampling else torch.ones(len(groups), dtype=torch.bool)
-        pool.dropped += int((~keep).sum())
-        for i in keep.nonzero().flatten().tolist():
-            pool.groups.append(groups[i])
-            pool.rewards.append(scores.rewards[i])
-            pool.correct.append(scores.correct[i])
-        pool.batches += 1
+    def _hand_out(self, batch: Optional[StepBatch]) -> Share:
+        """Each rank's share of the step's samples, from rank 0 over gloo (``rollout/shares.py``).
+
+        Rank 0 first computes what needs every sample: advantages per prompt group, and the step's
+        figures. Each PPO mini-batch (``minibatch_prompts`` whole groups) is split over the DP ranks
+        by tokens.
+        """
+        messages = None
+        if batch is not None:
+            tr = self.cfg.trainer
+            samples = [s for g in batch.groups for s in g]
+            lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+            # How many weight updates behind the policy being trained each sample was drawn.
+            staleness = torch.tensor([self.state.step - s.weight_version for s in samples], dtype=torch.float32)
+            stats = {**batch.stats, "train/samples": len(samples), "train/tokens": sum(lengths),
+                     "train/model_flops": tr.ppo_epochs * train_flops(self.flops_shape, lengths),
+                     "rollout/staleness_mean": staleness.mean().item(), "rollout/staleness_max": staleness.max().item()}
+            advantages = group_advantages(batch.rewards, norm_by_std=tr.norm_adv_by_std).flatten()
+            messages = pack_shares(batch.groups, advantages, stats, tr.minibatch_prompts * len(batch.groups[0]),
+                                   self.actor.dp_size)
+        share = self.shares.hand_out(messages)
+        if share is None:
+            raise RuntimeError("no prompt group had differing rewards in trainer.max_gen_batches generation batches")
+        return share
 
     def _rl_step(self) -> Optional[dict]:
         """One RL step's rollout, updates and weight sync; None when a stop was agreed during the rollout."""
@@ -393,32 +352,20 @@ class Trainer:
         t_rollout = time.time() - t0
         if self.stop.agreed:
             return None
-        if batch is None:
-            raise RuntimeError("no prompt group had differing rewards in trainer.max_gen_batches generation batches")
-
-        n = len(batch.groups[0])
-        advantages = group_advantages(batch.rewards, norm_by_std=tr.norm_adv_by_std).flatten()
-        samples = [s for g in batch.groups for s in g]
-        # PPO mini-batches of whole prompt groups; each DP rank takes a strided share of each.
-        per_mb = tr.minibatch_prompts * n
-        dp_rank, dp = self.actor.ps.get_data_parallel_rank(), self.actor.dp_size
-        minibatches = [list(range(s, min(s + per_mb, len(samples))))[dp_rank::dp] for s in range(0, len(samples), per_mb)]
-        mine = [i for mb in minibatches for i in mb]
-        seqs = SequenceBatch([samples[i].prompt_ids for i in mine], [samples[i].response_ids for i in mine])
+        share = self._hand_out(batch)
+        seqs, rows_of, rollout_logp, dp = share.seqs, share.minibatches, share.rollout_logp, self.actor.dp_size
 
         t1 = time.time()
-        row_of = {i: k for k, i in enumerate(mine)}
-        rows_of = [[row_of[i] for i in mb] for mb in minibatches]
         old_logp, entropy = self.actor.compute_logprobs(seqs, self.cfg.rollout.temperature, minibatches=rows_of)
         t_old_logprob = time.time() - t1
         mask = seqs.response_mask()
-        rollout_logp = pad_rows([samples[i].logprobs for i in mine], mask.shape[1])
         gap = ((old_logp - rollout_logp).abs() * mask).sum()
         kl = ((rollout_logp - old_logp) * mask).sum()
         step_metrics, results = {}, []
         for _ in range(tr.ppo_epochs):
-            for mb, rows in zip(minibatches, rows_of):
-                res = self.actor.train_step(seqs.select(rows), old_logp[rows], advantages[mb], self.cfg.rollout.temperature)
+            for rows in rows_of:
+                res = self.actor.train_step(seqs.select(rows), old_logp[rows], share.advantages[rows],
+                                            self.cfg.rollout.temperature, rollout_logp=rollout_logp[rows])
                 results.append(res)
                 # Once a stop is agreed the remaining mini-batches still run: a checkpoint holds whole
                 # steps (stopping here would need the rollout and old logprobs saved with it).
@@ -441,8 +388,7 @@ class Trainer:
             dist.all_reduce(tokens, group=self.actor.ps.get_data_parallel_group())
         n_tok = max(tokens[0].item(), 1.0)
         world = dist.get_world_size() if dist.is_initialized() else 1
-        flops = tr.ppo_epochs * train_flops(self.flops_shape, [len(s.prompt_ids) + len(s.response_ids) for s in samples])
-        step_metrics.update(batch.stats)
+        step_metrics.update(share.stats)
         step_metrics.update(self.offload_times)
         step_metrics.update({
             "actor/loss": sum(r.loss for r in results) / len(results),
@@ -457,12 +403,11 @@ class Trainer:
             "time/sync_s": t_sync,
             # What `megatron-fipo plan --calibrate` fits to (train_s includes the old-logprob pass).
             "time/old_logprob_s": t_old_logprob,
-            "train/samples": len(samples),
-            "train/tokens": sum(len(s.prompt_ids) + len(s.response_ids) for s in samples),
             "train/world_size": world,
-            "perf/model_tflops_per_rank": flops / max(t_train - t_old_logprob, 1e-9) / world / 1e12,
+            "perf/model_tflops_per_rank": share.stats["train/model_flops"] / max(t_train - t_old_logprob, 1e-9) / world / 1e12,
             "throughput/train_tokens_per_s": n_tok / max(t_train, 1e-9),
-            "throughput/rollout_tokens_per_s": batch.stats["response_length/mean"] * len(samples) / max(t_rollout, 1e-9),
+            "throughput/rollout_tokens_per_s": share.stats["response_length/mean"] * share.stats["train/samples"]
+            / max(t_rollout, 1e-9),
         })
         if torch.cuda.is_available():  # MFU against the data sheet's dense peak of launch.gpu_type
             peak = gpu(self.cfg.launch.gpu_type).fp8_dense_flops if self.cfg.actor.fp8 else gpu(self.cfg.launch.gpu_type).bf16_dense_flops
@@ -480,6 +425,8 @@ def _trainer(cfg: RunConfig, data: DataBundle):
     finally:
         if trainer.engine is not None:
             trainer.engine.shutdown()  # SGLang servers must not outlive the run
+        if trainer.scorer is not None:
+            trainer.scorer.close()  # nor the reward workers
 
 
 def train(cfg: RunConfig, data: DataBundle) -> dict:

@@ -34,8 +34,12 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
 
 
 class EmbeddedEngine:
-    def __init__(self, arch: ModelArch, max_batch: int = 256, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    def __init__(self, arch: ModelArch, max_batch: int = 256, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 prompts_per_chunk: int = 0):
         self.arch, self.max_batch, self.dtype, self.device = arch, max_batch, dtype, torch.device(device)
+        # A stream's unit of work: this many prompts (the trainer's generation batch), each chunk
+        # sampled as one ``generate`` call; 0: as many whole groups as fill max_batch sequences.
+        self.prompts_per_chunk = prompts_per_chunk
         self.shapes = hf_shapes(arch)
         self.weights: dict[str, torch.Tensor] = {}
         self.weight_version = -1
@@ -92,12 +96,16 @@ class EmbeddedEngine:
         if not self.weights:
             raise RuntimeError("embedded engine: no weights loaded; call update_weights first")
         self._aborted = False  # an abort is for the call in flight; one that came between calls is spent
-        flat = [p for p in prompts for _ in range(n)]
+        samples = self._generate_flat([p for p in prompts for _ in range(n)], sampling, seed)
+        return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _generate_flat(self, flat: list[list[int]], sampling: SamplingParams, seed: int) -> list[Sample]:
+        """One sample per entry, max_batch sequences at a time, all from one generator seeded ``seed``."""
         samples: list[Sample] = []
         generator = torch.Generator(device=self.device).manual_seed(seed)
         for start in range(0, len(flat), self.max_batch):
             samples += self._generate_batch(flat[start : start + self.max_batch], sampling, generator)
-        return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
+        return samples
 
     def stream(self, requests: Iterator[GroupRequest], sampling: SamplingParams, seed: int) -> "EmbeddedStream":
         if not self.weights:
@@ -164,19 +172,20 @@ class EmbeddedEngine:
 
 
 class EmbeddedStream:
-    """Whole groups, max_batch sequences at a time, in the caller's thread as it asks for more.
+    """Whole groups a chunk at a time, in the caller's thread as it asks for more.
 
-    Nothing is in flight between chunks, so a cancel has nothing to cut short. One generator seeded
-    with the stream's seed samples every chunk in turn: given the requests, the samples are the same
-    in every run (resume equals uninterrupted). Its stats cover the chunks' decoding only: the
-    caller scores in between, while nothing runs here.
+    A chunk is the engine's ``prompts_per_chunk`` prompts (the trainer's generation batch), sampled
+    as ``generate`` samples them with the seed ``seed + chunk index``: a step's rollout draws, samples
+    and keeps exactly what the generation batches before streaming did (one engine has no concurrency
+    to gain from smaller units). Nothing is in flight between chunks, so a cancel has nothing to cut
+    short. Its stats cover the chunks' decoding only: the caller scores in between, while nothing runs here.
     """
 
     blocking = True
 
     def __init__(self, engine: EmbeddedEngine, requests: Iterator[GroupRequest], sampling: SamplingParams, seed: int):
         self.engine, self.requests, self.sampling = engine, iter(requests), sampling
-        self.generator = torch.Generator(device=engine.device).manual_seed(seed)
+        self.seed, self.chunks = seed, 0
         self.stats = StreamStats(busy_s=[0.0], slot_s=[0.0])
         self.cancelled = self.exhausted = False
         self.left: deque[GroupResult] = deque()  # the chunk's groups not yet taken
@@ -192,7 +201,8 @@ class EmbeddedStream:
                 continue
             started = time.monotonic()
             flat = [r.prompt_ids for r in chunk for _ in range(r.n)]
-            samples = self.engine._generate_batch(flat, self.sampling, self.generator)
+            samples = self.engine._generate_flat(flat, self.sampling, self.seed + self.chunks)
+            self.chunks += 1
             done = time.monotonic()
             self.stats.wall_s += done - started
             self.stats.busy_s[0] += done - started
@@ -207,8 +217,8 @@ class EmbeddedStream:
                 yield self.left.popleft()
 
     def _next_chunk(self) -> list[GroupRequest]:
-        """Requests whose sequences fill max_batch; a carried group ends a chunk (it is handed back as is)."""
-        chunk, size = [], 0
+        """The next chunk's requests; a carried group ends a chunk (it is handed back as is)."""
+        chunk, size, per_chunk = [], 0, self.engine.prompts_per_chunk
         for request in self.requests:
             if request.partial is not None:  # a carried group: complete, as nothing is in flight here to cut
                 if not all(s.finished for s in request.partial):
@@ -217,7 +227,7 @@ class EmbeddedStream:
                 return chunk
             chunk.append(request)
             size += request.n
-            if size + request.n > self.engine.max_batch:
+            if len(chunk) == per_chunk or (not per_chunk and size + request.n > self.engine.max_batch):
                 return chunk
         self.exhausted = True
         return chunk

@@ -10,7 +10,7 @@ def build_engine(cfg: RunConfig, arch: ModelArch):
     if cfg.rollout.engine == "embedded":
         from megatron_fipo.rollout.embedded import EmbeddedEngine
 
-        return EmbeddedEngine(arch, max_batch=cfg.rollout.max_batch)
+        return EmbeddedEngine(arch, max_batch=cfg.rollout.max_batch, prompts_per_chunk=cfg.trainer.gen_prompts_per_batch)
     from megatron_fipo.rollout.sglang_engine import SGLangEngine
 
     return SGLangEngine(cfg.rollout, arch, cfg.run_dir)

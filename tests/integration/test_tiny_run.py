@@ -20,9 +20,9 @@ SHORT = ["trainer.total_steps=4", "trainer.warmup_sft_steps=20", "trainer.eval_e
          "data.eval_size=8", "rollout.eval_n_samples=2"]
 
 
-# Rollouts that take most of a step (200 prompts generated in one embedded chunk of 1600 sequences,
+# Rollouts that take most of a step (200 prompts generated in one embedded chunk, the generation batch,
 # 8 kept), and no checkpoint but step 0's.
-SLOW_ROLLOUT = ["trainer.gen_prompts_per_batch=200", "rollout.max_batch=1600", "trainer.save_every=100"]
+SLOW_ROLLOUT = ["trainer.gen_prompts_per_batch=200", "trainer.save_every=100"]
 
 
 def _cmd(run_dir: Path, *extra: str) -> list[str]:

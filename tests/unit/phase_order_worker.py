@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ACTOR_CALLS = {"offload", "onload", "compute_logprobs", "train_step", "sft_step"}
-ENGINE_CALLS = {"resume", "pause", "generate", "update_weights"}
+ENGINE_CALLS = {"resume", "pause", "generate", "stream", "update_weights"}
 
 
 class Recorder:

@@ -44,7 +44,7 @@ def _replay(calls: list[dict]) -> None:
             engine_holds = True
         elif call == "engine.pause":
             engine_holds = False
-        elif call == "engine.generate":
+        elif call in ("engine.generate", "engine.stream"):  # eval; a rollout's streaming
             assert engine_holds and not resident, where
         else:  # trainer work, and weight updates (the bridge reads the trainer's weights)
             assert resident and not engine_holds, where
@@ -53,7 +53,8 @@ def _replay(calls: list[dict]) -> None:
 def test_trainer_and_engine_never_hold_the_device_together(runs):
     calls, _ = runs["on"]
     _replay(calls)
-    assert sum(c["call"] == "engine.generate" for c in calls) == 4  # eval before, 2 rollouts, final eval
+    assert [c["call"] for c in calls if c["call"] in ("engine.generate", "engine.stream")] == [
+        "engine.generate", "engine.stream", "engine.stream", "engine.generate"]  # eval before, 2 rollouts, final eval
     assert max(c["actor_device_bytes"] for c in calls) > 0
 
 
@@ -61,7 +62,7 @@ def test_one_rl_step_in_order(runs):
     names = [c["call"] for c in runs["on"][0]]
     first_train = names.index("actor.compute_logprobs")
     step = names[first_train - 5: names.index("engine.update_weights", first_train) + 1]
-    assert step == ["actor.offload", "engine.resume", "engine.generate", "engine.pause", "actor.onload",
+    assert step == ["actor.offload", "engine.resume", "engine.stream", "engine.pause", "actor.onload",
                     "actor.compute_logprobs", "actor.train_step", "actor.train_step", "engine.update_weights"]
 
 
@@ -80,7 +81,8 @@ def test_without_offload_the_trainer_stays_resident(runs):
     assert "actor.offload" not in names and "actor.onload" not in names
     assert all(c["actor_device_bytes"] > 0 for c in calls)
     # The engines still release around every generation phase (eval included) before the trainer works.
-    assert names.count("engine.resume") == names.count("engine.pause") == names.count("engine.generate")
+    generations = names.count("engine.generate") + names.count("engine.stream")  # evals and rollouts
+    assert names.count("engine.resume") == names.count("engine.pause") == generations
 
 
 def test_offload_between_every_phase_ends_bit_equal(runs):

@@ -176,10 +176,11 @@ def test_the_embedded_stream_samples_as_generate_does_and_hands_carried_groups_b
     from megatron_fipo.testing import make_hf_checkpoint
 
     reader = HFCheckpointReader(make_hf_checkpoint(tmp_path / "hf"))
-    engine = EmbeddedEngine(reader.arch(), max_batch=8)
+    engine = EmbeddedEngine(reader.arch(), max_batch=4, prompts_per_chunk=3)
     engine.update_weights([[(n, reader.read(n)) for n in hf_names(reader.arch())]], version=1)
     prompts = [[1, 2], [3, 4], [5, 6], [7, 8], [9]]
-    want = engine.generate(prompts, 2, SAMPLING, seed=3)  # max_batch 8: the same chunks as the stream's
+    # Chunks of 3 prompts, each sampled as a generation batch is (seed + chunk index), 4 sequences at a time.
+    want = engine.generate(prompts[:3], 2, SAMPLING, seed=3) + engine.generate(prompts[3:], 2, SAMPLING, seed=4)
     got = {r.key: r.samples for r in engine.stream(iter(GroupRequest(i, p, 2) for i, p in enumerate(prompts)),
                                                      SAMPLING, seed=3)}
     assert [[s.response_ids for s in got[i]] for i in range(5)] == [[s.response_ids for s in g] for g in want]
