@@ -1,8 +1,9 @@
 """One FIPO run: prompts -> rollouts -> rewards -> dynamic sampling -> advantages -> actor -> bridge.
 
 Every rank runs this loop (SPMD). Rollout generation, reward scoring and evaluation happen on
-global rank 0, which holds the rollout engine (or talks to the SGLang servers); the resulting
-samples are broadcast, and each data-parallel rank trains on its share of every mini-batch.
+global rank 0, which holds the rollout engine (or talks to the SGLang servers) and streams prompt
+groups through it (rollout/collect.py); it then sends each data-parallel rank only its token-balanced
+share of every mini-batch, as tensors over gloo (rollout/shares.py).
 """
 
 from __future__ import annotations
