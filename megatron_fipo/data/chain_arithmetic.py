@@ -1,15 +1,15 @@
-"""A task where a longer chain pays: the sum of several one-digit numbers, or of bits modulo 2.
+"""A task where a longer chain pays: the sum of several one-digit numbers (or of terms modulo m).
 
 The prompt is ``4+7+2+9=``. The warm start teaches two ways to answer it:
 
-- short: ``Answer: 22`` -- the whole sum in one go, which a tiny model mostly gets wrong;
-- worked: ``4,11,13,22 Answer: 22`` -- the running sums, each one small addition.
+- short: ``Answer: 22`` -- the whole sum in one go;
+- worked: ``4+7=11,11+2=13,13+9=22 Answer: 22`` -- one two-operand addition a term, each adding
+  the sum just written and the next term of the prompt.
 
-With a modulus m the terms are 0..m-1 and every sum is taken mod m: with m = 2 the task is the
-parity of a bit string (``1+0+1+1=`` -> ``1,1,0,1 Answer: 1``), whose short form a small
-transformer cannot do better than chance. Its worked form takes two tokens a term, as the prompt
-does, so with a fixed number of terms the term a running sum adds sits at a fixed distance back,
-and each step is one of four XOR facts: a 3-layer model learns it in a few hundred steps.
+With four terms (examples/tiny_cpu_chain.yaml) the tiny model's warm start gets the worked form
+right about twice as often as the short one (docs/fipo-vs-dapo.md). With a modulus m the terms are
+0..m-1 and every sum is taken mod m (m = 2: parity of bits, which the same model did not learn in
+either form).
 
 Both end in the DAPO answer line (``reward.answer_format: dapo``), so the reward checks them alike.
 The prompt says nothing about the form: the policy picks it at its first token, and RL can move
@@ -34,9 +34,11 @@ def short_form(terms: list[int], modulus: int = 0) -> str:
 
 
 def worked_form(terms: list[int], modulus: int = 0) -> str:
-    """The running sums (mod ``modulus`` unless 0), one per term, then the answer line."""
+    """One two-operand addition per term after the first (running sum + next term, mod ``modulus``
+    unless 0), then the answer line."""
     sums = [answer(terms[:i + 1], modulus) for i in range(len(terms))]
-    return ",".join(map(str, sums)) + f" Answer: {sums[-1]}"
+    steps = [f"{total}+{term}={after}" for total, term, after in zip(sums, terms[1:], sums[1:])]
+    return ",".join(steps) + f" Answer: {sums[-1]}"
 
 
 def distinct_problems(min_terms: int, max_terms: int, modulus: int = 0) -> int:
@@ -65,11 +67,11 @@ def chain_problems(count: int, min_terms: int, max_terms: int, seed: int, modulu
 
 
 def response_form(text: str) -> str:
-    """worked (it writes running sums), short (straight to the answer line), or other."""
+    """worked (it writes additions ``a+b=c``), short (straight to the answer line), or other."""
     head = text.strip().split("Answer", 1)[0].strip()
     if not head:
         return "short"
-    return "worked" if "," in head else "other"
+    return "worked" if "=" in head else "other"
 
 
 def chain_tokenizer_corpus(problems: list[Problem]) -> list[str]:

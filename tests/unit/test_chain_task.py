@@ -16,12 +16,14 @@ CONFIG = "examples/tiny_cpu_chain.yaml"
 
 
 def test_forms_on_a_hand_worked_sum():
-    assert worked_form([4, 7, 2, 9]) == "4,11,13,22 Answer: 22"
+    assert worked_form([4, 7, 2, 9]) == "4+7=11,11+2=13,13+9=22 Answer: 22"
     assert short_form([4, 7, 2, 9]) == "Answer: 22"
-    assert worked_form([1, 0, 1, 1], modulus=2) == "1,1,0,1 Answer: 1"  # parity: sums mod 2
+    assert worked_form([3, 4]) == "3+4=7 Answer: 7"
+    assert worked_form([1, 0, 1, 1], modulus=2) == "1+0=1,1+1=0,0+1=1 Answer: 1"  # parity: sums mod 2
     assert short_form([1, 0, 1, 1], modulus=2) == "Answer: 1"
-    assert [response_form(t) for t in ("1,1,0,1 Answer: 1", " Answer: 1", "1 Answer: 1", "1,0")] == \
-        ["worked", "short", "other", "worked"]
+    assert [response_form(t) for t in ("4+7=11,11+2=13 Answer: 13", "3+4=7 Answer: 7", " Answer: 1",
+                                       "1 Answer: 1", "1,0", "4+7=11,11+")] == \
+        ["worked", "worked", "short", "other", "other", "worked"]
 
 
 @pytest.mark.parametrize("modulus, digits", [(0, 10), (2, 2)])
@@ -36,12 +38,13 @@ def test_problems_are_distinct_right_and_both_forms_parse(modulus, digits):
         assert all(0 <= t < digits for t in terms)
         assert p.answer == str(sum(terms) % modulus if modulus else sum(terms))
         worked, short = p.references
-        sums, tail = worked.split(" ", 1)
-        running, expected = 0, []
-        for term in terms:  # one running sum per term
-            running = (running + term) % modulus if modulus else running + term
-            expected.append(running)
-        assert [int(x) for x in sums.split(",")] == expected and tail == f"Answer: {expected[-1]}"
+        steps, tail = worked.split(" ", 1)
+        running, expected = terms[0], []
+        for term in terms[1:]:  # one addition per term after the first: running sum + term
+            after = (running + term) % modulus if modulus else running + term
+            expected.append(f"{running}+{term}={after}")
+            running = after
+        assert steps.split(",") == expected and tail == f"Answer: {running}"
         for text in (worked, short):
             assert extract_answer(text, "dapo") == p.answer
     reward = MathReward("dapo")
@@ -65,7 +68,8 @@ def test_warm_start_draws_both_forms_and_ends_them_with_eos():
 
 @pytest.mark.parametrize("overrides, field", [
     (["data.chain_min_terms=1"], "data.chain_min_terms"),
-    (["data.chain_min_terms=3", "data.chain_max_terms=4", "data.chain_problems=25"], "data.chain_problems"),  # 8 + 16 exist
+    (["data.chain_modulus=2", "data.chain_min_terms=3", "data.chain_max_terms=4", "data.chain_problems=25"],
+     "data.chain_problems"),  # 8 + 16 exist
     (["data.chain_problems=64"], "data.chain_problems"),  # no more than the eval set
     (["data.chain_modulus=1"], "data.chain_modulus"),
 ])
