@@ -37,6 +37,7 @@ from megatron_fipo.plan.step_time import ModelShape, train_flops
 from megatron_fipo.plotting import plot_run
 from megatron_fipo.progress import progress_bar
 from megatron_fipo.reward.scoring import Scorer
+from megatron_fipo.rollout.async_rollout import AsyncRollout, buffer_from_state, buffer_state
 from megatron_fipo.rollout.base import GenerationAborted, SamplingParams
 from megatron_fipo.rollout.collect import Collector, StepBatch
 from megatron_fipo.rollout.factory import build_engine, build_handoff
@@ -105,6 +106,13 @@ class Trainer:
         # Rank 0 scores (rollouts and eval), in reward.num_workers processes when set.
         self.scorer = Scorer(cfg.reward, self.data.tokenizer, cfg.rollout.max_response_length) if self.is_rank0 else None
         self.collector = Collector(cfg, self.engine, self.scorer, data) if self.is_rank0 else None
+        # trainer.max_staleness > 0: rank 0's producer thread collects the next steps' batches
+        # (rollout/async_rollout.py); 0: the synchronous loop, no thread.
+        self.producer: Optional[AsyncRollout] = None
+        if self.is_rank0 and cfg.trainer.max_staleness:
+            self.producer = AsyncRollout(lambda step: self.collector.collect(step, self._sampling(eval_mode=False)),
+                                         data.train_stream, cfg.trainer.max_staleness,
+                                         getattr(self.engine, "abort", None), cfg.trainer.total_steps)
         self.metrics = MetricsLogger(self.run_dir, cfg.trainer.tensorboard, cfg.trainer.wandb_project,
                                      asdict(cfg)) if self.is_rank0 else None
         self.state = RunState()
@@ -115,6 +123,8 @@ class Trainer:
         self.stop.install()  # SIGTERM and SIGINT: an agreed stop, a checkpoint, exit 0
         started = time.time()
         resumed = self._resume()
+        if self.producer is not None and not resumed:
+            self.producer.start(0)  # held until the first step allows it
         if not self.state.sft_done and tr.warmup_sft_steps > 0:
             self._warm_start()
         self.state.sft_done = True
@@ -178,6 +188,12 @@ class Trainer:
         self.state = RunState(**common["extra"]["run_state"])
         self.saved_step = self.state.step
         self.data.train_stream.position = self.state.data_position
+        buffered = buffer_from_state(common["extra"].get("async_buffer", []))
+        if self.producer is not None:  # the batches collected for the next steps; the stream stands after them
+            self.producer.start(self.state.step, buffered)
+        elif buffered and self.is_rank0:
+            log.warning("the checkpoint holds %d asynchronous batches, and trainer.max_staleness is 0: they are "
+                        "not trained on (their prompts are skipped)", len(buffered))
         if self.metrics is not None:
             self.metrics.truncate_after(self.state.step)
         log.info("resumed from %s at step %d", self.ckpt_dir, self.state.step)
@@ -187,8 +203,10 @@ class Trainer:
         self.state.data_position = self.data.train_stream.position
         state = asdict(self.state)
         state["wall_seconds"] = self.state.wall_seconds + time.time() - started
-        save_checkpoint(self.actor, self.ckpt_dir, self.state.step, {"run_state": state},
-                        keep_last=self.cfg.trainer.keep_last_checkpoints)
+        extra = {"run_state": state}
+        if self.producer is not None:  # held: whole batches only, and the stream stands after the last
+            extra["async_buffer"] = buffer_state(self.producer.buffered())
+        save_checkpoint(self.actor, self.ckpt_dir, self.state.step, extra, keep_last=self.cfg.trainer.keep_last_checkpoints)
         self.saved_step = self.state.step
 
     def _finish(self, started: float) -> dict:
@@ -319,6 +337,27 @@ class Trainer:
             return None
         return batch
 
+    def _take(self) -> Optional[StepBatch]:
+        """Asynchronous rollouts: the step's batch from rank 0's producer, then the stop agreement
+        ``_collect`` makes. The engines hold weights version ``step``: the producer may collect up to
+        step + max_staleness meanwhile. Returns the batch on rank 0 (None on the others), or None
+        when stopped (a batch taken stays buffered for the resumed run)."""
+        batch = None
+        if self.is_rank0:
+            self.producer.allow(self.state.step)
+            self.stop.on_signal = getattr(self.engine, "abort", None)  # a signal on rank 0 cuts the batch short
+            try:
+                batch, stats = self.producer.take(self.state.step)
+                if batch is not None:
+                    batch = StepBatch(batch.groups, batch.rewards, {**batch.stats, **stats})
+            except GenerationAborted:
+                pass  # this rank's stop flag is set: the agreement below stops the step
+            finally:
+                self.stop.on_signal = None
+        if self.stop.agree()[0]:
+            return None
+        return batch
+
     def _hand_out(self, batch: Optional[StepBatch]) -> Share:
         """Each rank's share of the step's samples, from rank 0 over gloo (``rollout/shares.py``).
 
@@ -348,12 +387,19 @@ class Trainer:
         """One RL step's rollout, updates and weight sync; None when a stop was agreed during the rollout."""
         tr = self.cfg.trainer
         t0 = time.time()
-        with self._generation_phase():
-            batch = self._collect()
+        if self.cfg.trainer.max_staleness:
+            batch = self._take()
+        else:
+            with self._generation_phase():
+                batch = self._collect()
         t_rollout = time.time() - t0
         if self.stop.agreed:
             return None
         share = self._hand_out(batch)
+        if self.producer is not None:
+            self.producer.done(self.state.step)  # handed out: trained whatever comes next
+        # Asynchronous: the producer's time on the batch, as the planner's rollout phase (the trainer waited less).
+        t_rollout = share.stats.get("time/rollout_collect_s", t_rollout)
         seqs, rows_of, rollout_logp, dp = share.seqs, share.minibatches, share.rollout_logp, self.actor.dp_size
 
         t1 = time.time()
@@ -382,6 +428,8 @@ class Trainer:
             raise RuntimeError(f"{self.state.consecutive_bad_steps} steps in a row with non-finite loss or gradient: "
                                "stopping (lower optim.lr or check the data)")
 
+        if self.producer is not None:  # no update inside a batch: held once it has what these weights allow
+            step_metrics["time/rollout_hold_s"] = self.producer.hold(abort=self.stop.agreed)
         # Stopping: the resumed run syncs its engines at start, so the sync is skipped.
         t_sync = 0.0 if self.stop.agreed else self._sync_weights(version=self.state.step + 1)
         tokens = torch.tensor([mask.sum().item(), gap.item(), kl.item(), (entropy * mask).sum().item()], dtype=torch.float64)
@@ -424,6 +472,8 @@ def _trainer(cfg: RunConfig, data: DataBundle):
     try:
         yield trainer
     finally:
+        if trainer.producer is not None:
+            trainer.producer.close()  # before the engine it drives
         if trainer.engine is not None:
             trainer.engine.shutdown()  # SGLang servers must not outlive the run
         if trainer.scorer is not None:
