@@ -179,8 +179,8 @@ class SGLangConfig:
     weights_update_port: int = 29700  # Rendezvous port of that process group
     # Colocated: release weights and KV cache while the trainer runs (needs CUDA).
     release_memory: bool = True
-    sequences_per_request: int = 32  # Unused since requests are one prompt group each (n samples, one server)
-    max_concurrency: int = 256  # sequences in flight across all servers, at most (each server also at most its capacity)
+    # Sequences in flight across all servers, at most; 0 = no cap beyond each server's capacity
+    max_concurrency: int = 0
     # Sequences one server runs at once (SGLang's --max-running-requests); 0 = ask each server (/server_info)
     max_running_requests: int = 0
     max_retries: int = 3  # per request, each on the then least-loaded server
@@ -188,9 +188,12 @@ class SGLangConfig:
     startup_timeout_s: float = 600.0  # Time a server may take to come up
 
     def __post_init__(self) -> None:
-        for name in ("num_servers", "tp_size", "sequences_per_request", "max_concurrency"):
+        for name in ("num_servers", "tp_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rollout.sglang.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_concurrency < 0:
+            raise ConfigError(f"rollout.sglang.max_concurrency must be >= 0 (0: no cap beyond the servers' "
+                              f"capacity), got {self.max_concurrency}")
         if self.max_retries < 0:
             raise ConfigError(f"rollout.sglang.max_retries must be >= 0, got {self.max_retries}")
         if self.max_running_requests < 0:

@@ -18,13 +18,22 @@ prompts from offset s x max-batches x batch in the same sequence for both design
   --batch prompts at a time until --keep informative groups are kept or --max-batches batches ran.
 - streaming design: SGLangEngine.stream (rollout/sglang_stream.py): groups placed while a server has
   room, scored as they land; once --keep informative groups are kept the rest is cancelled
-  (/abort_request). Partial rollouts off (the paper's recipe). rollout.sglang.max_concurrency is set
-  to engines x slots (its default 256 would cap the fleet at 16 groups in flight).
+  (/abort_request to every server at once, in the background: partial rollouts off, the paper's
+  recipe, so the cancel waits neither for the aborts nor for the aborted requests' answers: in a run
+  they end during the trainer's phase, so the bench lets them end between two steps and prints how
+  long the aborts took). rollout.sglang defaults: no client cap
+  (max_concurrency 0), each server held to the slots it reports.
 
 Metrics: engine busy fraction while work remains (time with a sequence running, over engines x the
 rollout's wall time), makespan / longest sequence of each generation batch (the stream: of each
 step), rollout seconds per step and the ratio old/new, tokens generated per kept token, aborted
-sequences.
+sequences; for the stream, where a step's wall time goes: the engine's setup at the start of the
+stream (servers checked and put in the generation phase), the draw from the first dispatch to the
+last kept group, the cancel, and the busy fraction from the first dispatch on (without the setup).
+
+The client (HTTP, JSON, threads) runs in wall time while the doubles run in simulated time x
+--time-scale: at the default 0.1 every client second weighs 10 simulated seconds, so the stream's
+figures are pessimistic; --time-scale 1 weighs them as a real run would (10x longer).
 """
 
 from __future__ import annotations
@@ -117,6 +126,8 @@ class StepResult:
     phases: list[Phase] = field(default_factory=list)
     drawn: int = 0
     cancel_s: float = 0.0  # stream: from the last kept group until cancel() returned
+    setup_s: float = 0.0  # stream: engine.stream() (servers checked, generation phase) before the first dispatch
+    stream: object = None  # stream: its abort_s (the cancel's aborts, sent in the background) once done
 
 
 def batch_generate(https: list[SGLangHTTP], prompts: list[list[int]], n: int, params: dict) -> list[list[int]]:
@@ -179,16 +190,26 @@ def stream_step(engine, fleet: Fleet, work: Workload, step: int, sampling: Sampl
     kept = 0
     mark = fleet.mark()
     stream = engine.stream(requests(), sampling, seed=step)
+    result.setup_s = time.monotonic() - mark[0]
     for group in stream:
         if work.is_informative(group.key):
             kept += 1
             result.kept_tokens += sum(len(s.response_ids) for s in group.samples)
         if kept >= work.keep:
             cut = time.monotonic()
-            stream.cancel()
+            stream.cancel(keep_partial=False)
             result.cancel_s = time.monotonic() - cut
+            result.stream = stream
             break
     phase = fleet.since(mark)
+    # In a run the trainer's phase lies between two rollouts and the cancel's aborts end during it: wait
+    # for them and for the aborted requests' answers. The tokens the aborted sequences made until
+    # their abort arrived count in this step's tokens generated, and they in its aborted sequences.
+    engine.quiet.wait()
+    while sum(engine.in_flight):
+        time.sleep(0.01)
+    tail = fleet.since(mark)
+    phase.tokens, phase.aborted = tail.tokens, tail.aborted
     result.phases.append(phase)
     result.wall_s = phase.wall_s
     return result
@@ -207,7 +228,14 @@ def report(name: str, steps: list[StepResult], engines: int) -> float:
     print(f"  tokens generated per kept token: {generated / kept:.2f} ({generated} / {kept}); "
           f"aborted sequences: {sum(p.aborted for p in phases)}")
     if any(s.cancel_s for s in steps):
-        print(f"  of which the cancel (abort, aborted requests back): {', '.join(f'{s.cancel_s:.2f}' for s in steps)} s")
+        print(f"  of each step: setup {', '.join(f'{s.setup_s:.2f}' for s in steps)} s, cancel "
+              f"{', '.join(f'{s.cancel_s:.3f}' for s in steps)} s; then in the background, until every server "
+              f"took the abort: {', '.join(f'{s.stream.abort_s:.2f}' for s in steps if s.stream)} s (between "
+              "steps: the trainer's phase in a run)")
+        busy_draw = [p.busy_s / (engines * (p.wall_s - s.setup_s)) for s in steps for p in s.phases]
+        spans_draw = [(p.wall_s - s.setup_s) / p.longest_s for s in steps for p in s.phases if p.longest_s]
+        print(f"  from the first dispatch on: engines busy {', '.join(f'{100 * b:.1f}%' for b in busy_draw)}, "
+              f"makespan / longest sequence {', '.join(f'{x:.2f}' for x in spans_draw)}")
     return per_step
 
 
@@ -253,15 +281,11 @@ def main() -> None:
                 print("streaming design: HOOK - SGLangEngine.stream is not in this checkout yet")
             else:
                 with tempfile.TemporaryDirectory() as run_dir:
-                    # max_concurrency: the client's cap on sequences in flight, raised from its default
-                    # 256 to the fleet's slots so that every engine can be kept at its capacity.
                     cfg = RolloutConfig(engine="sglang", placement="disaggregated", sglang=SGLangConfig(
-                        urls=fleet.urls, release_memory=False, startup_timeout_s=60,
-                        max_concurrency=args.engines * args.slots))
+                        urls=fleet.urls, release_memory=False, startup_timeout_s=60))
                     engine = SGLangEngine(cfg, ModelArch.from_hf_config("examples/tiny_qwen2/config.json"), run_dir)
-                    results["stream"] = report("streaming design (SGLangEngine.stream)",
-                                               [stream_step(engine, fleet, work, s, sampling)
-                                                for s in range(args.steps)], args.engines)
+                    steps = [stream_step(engine, fleet, work, s, sampling) for s in range(args.steps)]
+                    results["stream"] = report("streaming design (SGLangEngine.stream)", steps, args.engines)
     finally:
         fleet.close()
     if len(results) == 2:

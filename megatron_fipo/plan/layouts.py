@@ -62,17 +62,22 @@ def workload_from_config(cfg: RunConfig, assume: Assumptions = Assumptions(),
 
 
 def concurrency(cfg: RunConfig, kv_tokens: Optional[int], wl: Workload, engines: int) -> int:
-    """Sequences in flight per engine: the client's cap (rollout.sglang.max_concurrency over the
-    engines) and what the KV cache holds at the mean in-flight context. Under continuous batching a
-    sequence in flight has generated E[L²]/(2E[L]) tokens on average (long ones stay longer)."""
+    """Sequences in flight per engine: the least of the client's cap (rollout.sglang.max_concurrency
+    over the engines, when set), the server's slots (rollout.sglang.max_running_requests, when set) and
+    what the KV cache holds at the mean in-flight context. Under continuous batching a sequence in
+    flight has generated E[L²]/(2E[L]) tokens on average (long ones stay longer). With none known (a
+    CPU plan): a generation batch's sequences spread over the engines."""
     if cfg.rollout.engine == "embedded":
         return cfg.rollout.max_batch
-    cap = max(1, cfg.rollout.sglang.max_concurrency // engines)
-    if kv_tokens is None:
-        return cap
-    lengths = wl.lengths.sample(1000)
-    context = wl.prompt_len + sum(x * x for x in lengths) / (2 * sum(lengths))
-    return max(1, min(cap, int(kv_tokens // context)))
+    s = cfg.rollout.sglang
+    caps = [c for c in (s.max_concurrency and max(1, s.max_concurrency // engines), s.max_running_requests) if c > 0]
+    if kv_tokens is not None:
+        lengths = wl.lengths.sample(1000)
+        context = wl.prompt_len + sum(x * x for x in lengths) / (2 * sum(lengths))
+        caps.append(int(kv_tokens // context))
+    if not caps:
+        caps.append(-(-wl.gen_prompts_per_batch * wl.n_samples // engines))
+    return max(1, min(caps))
 
 
 def step_layout(cfg: RunConfig, dev: GPU, train_gpus: int, gpus_per_node: int, kv_tokens: Optional[int],
@@ -213,7 +218,7 @@ def _candidate(cfg, arch, dev, shape, wl, eff, gpus_per_node, train_gpus, rollou
     trial = _with(cfg, actor__offload=offload, rollout__placement="disaggregated" if rollout_nodes else "colocated",
                   sglang__tp_size=engine_tp, sglang__num_servers=engines,
                   # The client's cap should not be what limits the engines: the KV cache is.
-                  sglang__max_concurrency=max(cfg.rollout.sglang.max_concurrency, engines * 512),
+                  sglang__max_concurrency=0,
                   sglang__weight_transport="distributed" if rollout_nodes else cfg.rollout.sglang.weight_transport)
     # The largest static pool with the ledger's headroom: beside the trainer's residual when
     # colocated, on the engine's own GPUs when disaggregated.

@@ -105,9 +105,10 @@ class GroupStream(Protocol):
     def __iter__(self) -> Iterator[GroupResult]:
         ...
 
-    def cancel(self) -> list[GroupResult]:
+    def cancel(self, keep_partial: bool = True) -> list[GroupResult]:
         """Abort every request in flight (no retry) and return what each group had: partial samples
-        (finish_reason "abort") and any that completed meanwhile. No request is drawn after it."""
+        (finish_reason "abort") and any that completed meanwhile. No request is drawn after it.
+        ``keep_partial`` False: the caller drops them, so the engine need not wait for them."""
 
 
 class RolloutEngine(Protocol):

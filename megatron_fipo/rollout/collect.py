@@ -66,7 +66,9 @@ class _KeptGroups:
     carried_in: int = 0  # groups carried from the previous step (partial rollouts)
     dropped: int = 0
     samples_generated: int = 0  # sequences generated this step (continued ones too), kept, dropped or aborted
-    tokens_generated: int = 0  # every token generated this step, aborted ones included
+    # Every token generated this step, aborted ones included when partial rollouts wait for them
+    # (without, the cancel does not wait for the aborted requests' answers: their tokens are not counted).
+    tokens_generated: int = 0
     latencies: list[float] = field(default_factory=list)  # per sample: its request's dispatch to completion
     reward_waits: list[float] = field(default_factory=list)  # per group: completion to scores in hand
     reward_seconds: float = 0.0  # of the rollout's time, blocked on scores
@@ -144,7 +146,7 @@ class Collector:
             pending.append(_Arrival(result, problem, submit_score(self.scorer, result.samples, problem)))
             self._settle(pool, pending, block=stream.blocking, limit=tr.prompts_per_step)
             if len(pool.groups) >= tr.prompts_per_step:
-                for cut in stream.cancel():
+                for cut in stream.cancel(keep_partial=self.cfg.rollout.partial_rollouts):
                     self._account(pool, cut)
                     self._carry(problems[cut.key], cut.samples)
                 break

@@ -232,8 +232,8 @@ class EmbeddedStream:
         self.exhausted = True
         return chunk
 
-    def cancel(self) -> list[GroupResult]:
-        """The chunk's groups not yet taken (complete: nothing is ever in flight here)."""
+    def cancel(self, keep_partial: bool = True) -> list[GroupResult]:
+        """The chunk's groups not yet taken (complete: nothing is ever in flight here, so nothing to wait for)."""
         self.cancelled = True
         left, self.left = list(self.left), deque()
         return left

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -64,6 +65,9 @@ class SGLangEngine:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)  # a server left or rejoined the routing
         self.down: set[int] = set()  # servers being recovered
+        # Clear while a cancelled stream's aborts are on their way (sglang_stream.py): the next phase waits.
+        self.quiet = threading.Event()
+        self.quiet.set()
 
     # ---- weights -----------------------------------------------------------------------------
     def wait_for_recoveries(self) -> None:
@@ -124,6 +128,7 @@ class SGLangEngine:
 
     def _enter(self, phase: Phase) -> None:
         """Every server up and tracked, then holding what ``phase`` needs (sglang_memory.py)."""
+        self.quiet.wait()
         if not self.started:
             if phase == "generate":
                 self._launch()  # fresh servers hold every tag: what generation needs
@@ -136,10 +141,16 @@ class SGLangEngine:
     def _check_servers(self) -> None:
         """A dead server is recovered; one that restarted unseen (the job script brought it back
         between two calls) is a new process: its tags and its end of an update group are reset."""
-        for index, server in enumerate(self.servers):
+        def version(server: SGLangServer):
             try:
-                reported = server.http.get("/model_info", timeout_s=30).get("weight_version")
-            except (ServerUnavailable, SGLangError):
+                return server.http.get("/model_info", timeout_s=30).get("weight_version")
+            except (ServerUnavailable, SGLangError) as err:
+                return err
+
+        with ThreadPoolExecutor(max_workers=len(self.servers)) as pool:  # a step's start waits for the slowest only
+            reported_all = list(pool.map(version, self.servers))
+        for index, (server, reported) in enumerate(zip(self.servers, reported_all)):
+            if isinstance(reported, Exception):
                 self._report_dead(index)
                 continue
             if server.weight_version is not None and reported != server.weight_version:
@@ -167,14 +178,16 @@ class SGLangEngine:
             raise RuntimeError("SGLang engine: no weights loaded; call update_weights first")
         self.resume()
         self._aborted = False  # an abort is for the call in flight; one that came between calls is spent
-        for index, server in enumerate(self.servers):
-            if not self.capacity[index] and index not in self.down:
-                self.capacity[index] = self._read_capacity(server)
+        unread = [i for i in range(len(self.servers)) if not self.capacity[i] and i not in self.down]
+        if unread:
+            with ThreadPoolExecutor(max_workers=len(unread)) as pool:
+                for index, value in zip(unread, pool.map(lambda i: self._read_capacity(self.servers[i]), unread)):
+                    self.capacity[index] = value
         return SGLangStream(self, requests, sampling)
 
     def _read_capacity(self, server: SGLangServer) -> int:
         """Sequences the server runs at once: rollout.sglang.max_running_requests, else what it reports,
-        else an even share of rollout.sglang.max_concurrency."""
+        else an even share of rollout.sglang.max_concurrency when that is set."""
         if self.cfg.max_running_requests:
             return self.cfg.max_running_requests
         info: dict = {}
@@ -190,15 +203,19 @@ class SGLangEngine:
                  or state.get("effective_max_running_requests_per_dp"))
         if value:
             return int(value)
+        if not self.cfg.max_concurrency:
+            raise RuntimeError(f"SGLang server {server.url} does not report max_running_requests: set "
+                               "rollout.sglang.max_running_requests to the sequences it runs at once")
         share = max(1, self.cfg.max_concurrency // len(self.servers))
         log.warning("SGLang server %s does not report max_running_requests: %d sequences at once (set "
                     "rollout.sglang.max_running_requests to what it runs)", server.url, share)
         return share
 
     def _has_room(self) -> bool:
-        """Whether some live server has a free slot (and the client's cap allows more)."""
+        """Whether some live server has a free slot (and the client's cap, if set, allows more)."""
         with self.lock:
-            return sum(self.in_flight) < self.cfg.max_concurrency and any(
+            cap = self.cfg.max_concurrency
+            return (not cap or sum(self.in_flight) < cap) and any(
                 self.capacity[i] > self.in_flight[i] for i in range(len(self.servers)) if i not in self.down)
 
     def _pick(self, size: int) -> Optional[int]:
@@ -206,7 +223,7 @@ class SGLangEngine:
         always can); ties go in turn from the server after the last one picked. None: all full."""
         with self.lock:
             total = sum(self.in_flight)
-            if total and total + size > self.cfg.max_concurrency:
+            if self.cfg.max_concurrency and total and total + size > self.cfg.max_concurrency:
                 return None
             count = len(self.servers)
             best, best_free = None, None

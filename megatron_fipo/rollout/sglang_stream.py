@@ -5,8 +5,14 @@ cache serves the copies), so a group never waits on two servers. SGLang's ``n`` 
 params does the same, slower: on the real CPU server (tiny Qwen2, 16 samples x 64 tokens, measured
 twice in turn on a busy 2-core host) the batch took 26.9 s and 31.1 s, ``n=16`` 48.8 s and 52.7 s. The next request is drawn only when a server has room for a group; ties go in turn
 (SGLangEngine._pick). A request that meets a dead server is sent again elsewhere; a cancel aborts
-what is in flight (``/abort_request`` with ``abort_all``: a server runs only this stream's requests
-during a rollout) and nothing aborted is retried: the partial samples are handed back.
+what is in flight (``/abort_request`` with ``abort_all`` to every server at once: a server runs only
+this stream's requests during a rollout) and nothing aborted is retried. With partial rollouts the
+cancel waits for the partial samples and hands them back. Without, it returns at once: a thread
+sends the aborts (the engine's next phase, a stream or a weight update, waits until every server
+took them, so an ``abort_all`` never reaches the next stream's requests) and then drops the answers
+as they come. Their slots stay counted in the engine until each answer is back, so the next stream
+places nothing on a server still ending them; a request still in transit when the abort came (it
+reached its server after it) is aborted again by its ids.
 
 sglang-router is not used: it is not in .venv-sglang (nor a dependency of the trainer), and what it
 adds over this client is cache-aware placement of requests that share a prefix, which one request
@@ -20,6 +26,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Optional
 
@@ -41,6 +49,7 @@ class _Flight:
     sent: float  # time.monotonic()
     tries: int = 1
     todo: list[int] = field(default_factory=list)  # which samples of a partial group are continued
+    rids: list[str] = field(default_factory=list)  # SGLang's request id of each sequence
 
 
 class SGLangStream:
@@ -57,8 +66,11 @@ class SGLangStream:
         self.flights: dict[int, _Flight] = {}
         self.waiting: list[tuple[GroupRequest, int]] = []  # (request, tries so far): drawn, not placed yet
         self.tickets = 0
-        self.exhausted = self.cancelled = False
+        self.exhausted = self.cancelled = self.closed = False  # closed: the stats are final
         self.started = self.mark = 0.0
+        self.uid = uuid.uuid4().hex[:12]  # prefix of this stream's request ids
+        self.cut: list[GroupResult] = []
+        self.abort_s = 0.0  # a cancel without partials: from the cancel until every server took the abort
 
     # ---- the caller's side -------------------------------------------------------------------
     def __iter__(self) -> Iterator[GroupResult]:
@@ -80,10 +92,21 @@ class SGLangStream:
                 self._fill()  # the freed slots work while the caller scores this group
                 yield result
 
-    def cancel(self) -> list[GroupResult]:
+    def cancel(self, keep_partial: bool = True) -> list[GroupResult]:
+        """Abort what is in flight. ``keep_partial``: wait for the partial groups and return them (and
+        any group that landed meanwhile); otherwise return [] as soon as every server took the abort."""
+        if keep_partial:
+            self._abort_all()
+            return self.cut
         self.cancelled = True
-        self._abort_all()
-        return self.cut
+        self.waiting.clear()
+        self.stats.aborted_sequences += sum(f.size for f in self.flights.values())  # their answers are not read
+        self._tick()
+        self.closed = True
+        if self.flights:
+            self.engine.quiet.clear()
+            threading.Thread(target=self._reap, name=f"sglang-reap-{self.uid}", daemon=True).start()
+        return []
 
     # ---- placing requests --------------------------------------------------------------------
     def _fill(self) -> None:
@@ -110,7 +133,8 @@ class SGLangStream:
             self.waiting.pop(0)
             self._tick()
             self.tickets += 1
-            flight = _Flight(request, index, size, time.monotonic(), tries + 1, todo)
+            flight = _Flight(request, index, size, time.monotonic(), tries + 1, todo,
+                             [f"{self.uid}-{self.tickets}-{i}" for i in range(size)])
             self.flights[self.tickets] = flight
             threading.Thread(target=self._post, args=(self.tickets, flight), daemon=True,
                              name=f"sglang-request-{self.tickets}").start()
@@ -123,20 +147,29 @@ class SGLangStream:
     def _payload(self, flight: _Flight) -> dict:
         request = flight.request
         if request.partial is None:
-            return {"input_ids": [request.prompt_ids] * request.n, "sampling_params": self.params, "return_logprob": True}
+            return {"input_ids": [request.prompt_ids] * request.n, "sampling_params": self.params,
+                    "return_logprob": True, "rid": flight.rids}
         # Continuations: each unfinished sample from prompt + its response so far, for the tokens it has left.
         partial = [request.partial[i] for i in flight.todo]
         params = [{**self.params, "max_new_tokens": self.sampling.max_new_tokens - len(s.response_ids)} for s in partial]
         return {"input_ids": [request.prompt_ids + s.response_ids for s in partial],
                 "sampling_params": params if any(p != params[0] for p in params) else params[0],
-                "return_logprob": True}
+                "return_logprob": True, "rid": flight.rids}
 
     def _post(self, ticket: int, flight: _Flight) -> None:
+        """One request, in its own thread; its slots are freed here, whether or not the stream still
+        waits for the answer (after a cancel without partials it does not)."""
         try:
-            out = self.engine.servers[flight.server].http.post("/generate", self._payload(flight))
-            outcome = out if isinstance(out, list) else [out]
+            if self.cancelled:  # placed just before a cancel: never sent, so nothing to abort
+                outcome: object = ServerUnavailable("cancelled before it was sent")
+            else:
+                out = self.engine.servers[flight.server].http.post("/generate", self._payload(flight))
+                outcome = out if isinstance(out, list) else [out]
         except (ServerUnavailable, SGLangError) as err:
             outcome = err
+        with self.engine.lock:
+            self._tick_locked()
+            self.engine.in_flight[flight.server] -= flight.size
         self.done.put((ticket, outcome, time.monotonic()))
 
     # ---- answers -----------------------------------------------------------------------------
@@ -144,9 +177,6 @@ class SGLangStream:
         """A request's answer: the group's result, None when it is sent again, or the error."""
         flight = self.flights.pop(ticket)
         self._tick()
-        if flight.server >= 0:
-            with self.engine.lock:
-                self.engine.in_flight[flight.server] -= flight.size
         try:
             if isinstance(outcome, Exception):
                 raise outcome
@@ -182,16 +212,12 @@ class SGLangStream:
     def _abort_all(self) -> None:
         """Abort every request in flight and wait for their answers (partial groups, kept in ``cut``)."""
         self.cancelled = True
-        self.cut: list[GroupResult] = []
+        self.cut = []
         self.waiting.clear()
         last = 0.0
         while self.flights:
             if time.monotonic() - last > REABORT_S:  # again: a request may have been in transit
-                for index in {f.server for f in self.flights.values() if f.server >= 0}:
-                    try:
-                        self.engine.servers[index].http.post("/abort_request", {"abort_all": True}, timeout_s=10)
-                    except (ServerUnavailable, SGLangError):
-                        pass  # a dead server's requests fail on their own
+                self._abort_servers()
                 last = time.monotonic()
             try:
                 ticket, outcome, at = self.done.get(timeout=POLL_S)
@@ -201,9 +227,52 @@ class SGLangStream:
             if result is not None:
                 self.cut.append(result)
         self._tick()
+        self.closed = True
+
+    def _abort_servers(self) -> None:
+        """``abort_all`` to every server with a request of this stream in flight, all at once."""
+        servers = sorted({f.server for f in self.flights.values() if f.server >= 0})
+        if servers:
+            with ThreadPoolExecutor(max_workers=len(servers)) as pool:
+                list(pool.map(lambda i: self._post_abort(i, {"abort_all": True}), servers))
+
+    def _post_abort(self, index: int, payload: dict) -> None:
+        try:
+            self.engine.servers[index].http.post("/abort_request", payload, timeout_s=10)
+        except (ServerUnavailable, SGLangError):
+            pass  # a dead server's requests fail on their own
+
+    def _reap(self) -> None:
+        """After a cancel without partials: abort, then drop the answers as they come. A request
+        still out REABORT_S after the abort may have reached its server after it: aborted again by
+        its ids (never ``abort_all``: the next stream's requests may be running there by then)."""
+        try:
+            self._abort_servers()
+        finally:
+            self.abort_s = time.monotonic() - self.mark  # the cancel's tick set the mark
+            self.engine.quiet.set()
+        last = time.monotonic()
+        while self.flights:
+            try:
+                ticket, _, _ = self.done.get(timeout=POLL_S)
+                self.flights.pop(ticket, None)
+            except queue.Empty:
+                pass
+            if self.flights and time.monotonic() - last > REABORT_S:
+                for flight in list(self.flights.values()):
+                    for rid in flight.rids:
+                        self._post_abort(flight.server, {"rid": rid})
+                last = time.monotonic()
 
     def _tick(self) -> None:
-        """Busy time and slot occupancy per server since the last change of what is in flight."""
+        with self.engine.lock:
+            self._tick_locked()
+
+    def _tick_locked(self) -> None:
+        """Busy time and slot occupancy per server since the last change of what is in flight
+        (called with the engine's lock held: request threads free slots)."""
+        if self.closed:
+            return
         now = time.monotonic()
         span, self.mark = now - self.mark, now
         self.stats.wall_s = now - self.started

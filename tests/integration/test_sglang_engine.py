@@ -67,7 +67,7 @@ def setup(tmp_path_factory):
     # --max-total-tokens caps the KV cache whatever the fraction.
     cfg = RolloutConfig(engine="sglang", sglang=SGLangConfig(
         python=str(SGLANG_PYTHON), base_port=free_port(), mem_fraction_static=0.3, extra_args=CPU_ARGS, api_key=API_KEY,
-        release_memory=False, weight_transport="tensor", sequences_per_request=2, startup_timeout_s=300,
+        release_memory=False, weight_transport="tensor", startup_timeout_s=300,
         num_servers=2))
     engine = SGLangEngine(cfg, arch, root / "run")
     try:

@@ -6,6 +6,7 @@ process boundary: several real servers do not fit on this host; tests/integratio
 test_sglang_engine.py checks the abort and a continuation on the real one)."""
 
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -107,6 +108,7 @@ def test_the_target_aborts_what_is_in_flight_and_keeps_every_kept_group(doubles,
     engine = _engine([fast, slow], tmp_path, max_running_requests=2)  # one group of 2 per server
     collector = _collector(engine, partial)
     batch = collector.collect(step=0, sampling=SAMPLING)
+    engine.resume()  # without partials the cancel does not wait for its aborts: the next phase does
     assert len(batch.groups) == 2 and all(len(g) == 2 and all(s.finish_reason == "length" for s in g)
                                           for g in batch.groups)
     assert batch.stats["rollout/aborted_sequences"] >= 2  # the slow server's group at least
@@ -117,6 +119,12 @@ def test_the_target_aborts_what_is_in_flight_and_keeps_every_kept_group(doubles,
     assert batch.stats["rollout/retried_requests"] == 0
     carried = [len(samples) for _, samples in collector.carried]
     assert carried == ([2, 2] if partial else [])
+    if not partial:  # the aborted group's answer comes in the background
+        for _ in range(200):  # the aborted group's slots stay counted until its answer is back
+            if engine.in_flight == [0, 0]:
+                break
+            time.sleep(0.05)
+        assert engine.in_flight == [0, 0]
     if partial:  # the next step sends the carried groups first (both servers now fast): none is lost
         slow.generate_delay_s = 0.05
         prompts = sorted(collector.data.prompt_ids(problem) for problem, _ in collector.carried)
@@ -157,7 +165,13 @@ def test_continued_concatenates_tokens_logprobs_and_versions():
 def test_a_stop_signal_aborts_an_sglang_rollout(doubles, tmp_path):
     (server,) = doubles([30.0])  # would run 30 s
     engine = _engine([server], tmp_path, max_running_requests=8)
-    timer = threading.Timer(0.3, engine.abort)  # as StopFlag.on_signal calls it, mid-stream
+
+    def stop_mid_stream():  # as StopFlag.on_signal calls it, once a request runs (not on a timer: a
+        while "/generate" not in server.calls:  # loaded host may take longer to start the stream)
+            time.sleep(0.01)
+        engine.abort()
+
+    timer = threading.Thread(target=stop_mid_stream, daemon=True)
     timer.start()
     with pytest.raises(GenerationAborted):
         _stream(engine, [[1], [2]])

@@ -57,7 +57,7 @@ def doubles():
 def _engine(servers, tmp_path: Path, placement="colocated", transport="tensor", **sglang) -> SGLangEngine:
     cfg = RolloutConfig(engine="sglang", placement=placement, sglang=SGLangConfig(
         urls=[d.url for d in servers], weight_transport=transport, distributed_backend="gloo",
-        weights_update_port=free_port(), sequences_per_request=2, **{"startup_timeout_s": 30, **sglang}))
+        weights_update_port=free_port(), **{"startup_timeout_s": 30, **sglang}))
     return SGLangEngine(cfg, ARCH, tmp_path)
 
 

@@ -36,7 +36,7 @@ def launched(monkeypatch):
 def test_launched_servers_start_at_the_first_generation_phase(launched, tmp_path):
     doubles, starts = launched
     engine = SGLangEngine(RolloutConfig(engine="sglang", placement="colocated", sglang=SGLangConfig(
-        num_servers=2, sequences_per_request=2, startup_timeout_s=30)), ARCH, tmp_path)
+        num_servers=2, startup_timeout_s=30)), ARCH, tmp_path)
     engine.update_weights(_buckets(1.0), version=0)
     engine.pause()  # the trainer's phase: nothing to release, nothing started
     engine.update_weights(_buckets(2.0), version=1)

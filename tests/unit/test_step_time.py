@@ -143,15 +143,16 @@ def _recipe() -> tuple[RunConfig, ModelArch]:
     return cfg, ModelArch.from_hf_config(cfg.actor.model_config)
 
 
-def test_recipe_rollout_is_capped_by_the_clients_concurrency():
-    """rollout.sglang.max_concurrency (256) spread over 32 engines leaves 8 sequences in flight each,
-    far below what their KV caches hold."""
+def test_a_client_concurrency_cap_starves_the_recipes_engines():
+    """rollout.sglang.max_concurrency 256 (its old default) spread over 32 engines leaves 8 sequences
+    in flight each, far below what their KV caches hold; the default 0 leaves the KV cache to decide."""
     cfg, arch = _recipe()
     wl = workload_from_config(cfg)
-    est, headroom = config_estimate(cfg, arch, H100, wl, Efficiency(), 8)
+    capped = replace(cfg, rollout=replace(cfg.rollout, sglang=replace(cfg.rollout.sglang, max_concurrency=256)))
+    est, headroom = config_estimate(capped, arch, H100, wl, Efficiency(), 8)
     assert est.layout.concurrency == 256 // 32
-    raised = replace(cfg, rollout=replace(cfg.rollout, sglang=replace(cfg.rollout.sglang, max_concurrency=32 * 512)))
-    faster, _ = config_estimate(raised, arch, H100, wl, Efficiency(), 8)
+    assert cfg.rollout.sglang.max_concurrency == 0
+    faster, _ = config_estimate(cfg, arch, H100, wl, Efficiency(), 8)
     assert faster.layout.concurrency > 8 * 8
     assert faster.phase("rollout").seconds < est.phase("rollout").seconds / 3
     assert headroom is not None and headroom >= 0.10
