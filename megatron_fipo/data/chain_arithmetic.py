@@ -7,9 +7,9 @@ The prompt is ``4+7+2+9=``. The warm start teaches two ways to answer it:
   the sum just written and the next term of the prompt.
 
 With four terms (examples/tiny_cpu_chain.yaml) the tiny model's warm start gets the worked form
-right about twice as often as the short one (docs/fipo-vs-dapo.md). With a modulus m the terms are
-0..m-1 and every sum is taken mod m (m = 2: parity of bits, which the same model did not learn in
-either form).
+right clearly more often than the short one in 2 of 3 seeds (docs/fipo-vs-dapo.md). With a
+modulus m the terms are 0..m-1 and every sum is taken mod m (m = 2: parity of bits, which the same
+model did not learn in either form).
 
 Both end in the DAPO answer line (``reward.answer_format: dapo``), so the reward checks them alike.
 The prompt says nothing about the form: the policy picks it at its first token, and RL can move
