@@ -206,8 +206,6 @@ def stream_step(engine, fleet: Fleet, work: Workload, step: int, sampling: Sampl
     # for them and for the aborted requests' answers. The tokens the aborted sequences made until
     # their abort arrived count in this step's tokens generated, and they in its aborted sequences.
     engine.quiet.wait()
-    while sum(engine.in_flight):
-        time.sleep(0.01)
     tail = fleet.since(mark)
     phase.tokens, phase.aborted = tail.tokens, tail.aborted
     result.phases.append(phase)

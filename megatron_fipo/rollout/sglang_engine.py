@@ -65,7 +65,7 @@ class SGLangEngine:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)  # a server left or rejoined the routing
         self.down: set[int] = set()  # servers being recovered
-        # Clear while a cancelled stream's aborts are on their way (sglang_stream.py): the next phase waits.
+        # Clear while a cancelled stream's aborted requests have not all answered (sglang_stream.py): the next phase waits.
         self.quiet = threading.Event()
         self.quiet.set()
 

@@ -8,11 +8,11 @@ twice in turn on a busy 2-core host) the batch took 26.9 s and 31.1 s, ``n=16`` 
 what is in flight (``/abort_request`` with ``abort_all`` to every server at once: a server runs only
 this stream's requests during a rollout) and nothing aborted is retried. With partial rollouts the
 cancel waits for the partial samples and hands them back. Without, it returns at once: a thread
-sends the aborts (the engine's next phase, a stream or a weight update, waits until every server
-took them, so an ``abort_all`` never reaches the next stream's requests) and then drops the answers
-as they come. Their slots stay counted in the engine until each answer is back, so the next stream
-places nothing on a server still ending them; a request still in transit when the abort came (it
-reached its server after it) is aborted again by its ids.
+sends the aborts and drops the answers as they come, and the engine's next phase (a stream, a weight
+update, the trainer's memory release) waits until every aborted request has answered: an
+``abort_all`` never reaches the next stream's requests, and a server is idle when its memory is
+released (SGLang asserts it). A request still in transit when the abort came (it reached its server
+after it) is aborted again by its own ids.
 
 sglang-router is not used: it is not in .venv-sglang (nor a dependency of the trainer), and what it
 adds over this client is cache-aware placement of requests that share a prefix, which one request
@@ -248,21 +248,22 @@ class SGLangStream:
         its ids (never ``abort_all``: the next stream's requests may be running there by then)."""
         try:
             self._abort_servers()
-        finally:
             self.abort_s = time.monotonic() - self.mark  # the cancel's tick set the mark
+            last = time.monotonic()
+            while self.flights:
+                try:
+                    ticket, _, _ = self.done.get(timeout=POLL_S)
+                    self.flights.pop(ticket, None)
+                except queue.Empty:
+                    pass
+                if self.flights and time.monotonic() - last > REABORT_S:
+                    for flight in list(self.flights.values()):
+                        for rid in flight.rids:
+                            self._post_abort(flight.server, {"rid": rid})
+                    last = time.monotonic()
+        finally:
+            # Every request answered: its server is done with it (a memory release needs it idle).
             self.engine.quiet.set()
-        last = time.monotonic()
-        while self.flights:
-            try:
-                ticket, _, _ = self.done.get(timeout=POLL_S)
-                self.flights.pop(ticket, None)
-            except queue.Empty:
-                pass
-            if self.flights and time.monotonic() - last > REABORT_S:
-                for flight in list(self.flights.values()):
-                    for rid in flight.rids:
-                        self._post_abort(flight.server, {"rid": rid})
-                last = time.monotonic()
 
     def _tick(self) -> None:
         with self.engine.lock:
