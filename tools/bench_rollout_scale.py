@@ -128,6 +128,7 @@ class StepResult:
     cancel_s: float = 0.0  # stream: from the last kept group until cancel() returned
     setup_s: float = 0.0  # stream: engine.stream() (servers checked, generation phase) before the first dispatch
     stream: object = None  # stream: its abort_s (the cancel's aborts, sent in the background) once done
+    retried: int = 0  # stream: requests sent again after a server failed them (a dead server, or a refused connection)
 
 
 def batch_generate(https: list[SGLangHTTP], prompts: list[list[int]], n: int, params: dict) -> list[list[int]]:
@@ -201,6 +202,7 @@ def stream_step(engine, fleet: Fleet, work: Workload, step: int, sampling: Sampl
             result.cancel_s = time.monotonic() - cut
             result.stream = stream
             break
+    result.retried = stream.stats.retried_requests
     phase = fleet.since(mark)
     # In a run the trainer's phase lies between two rollouts and the cancel's aborts end during it: wait
     # for them and for the aborted requests' answers. The tokens the aborted sequences made until
@@ -226,6 +228,7 @@ def report(name: str, steps: list[StepResult], engines: int) -> float:
     print(f"  tokens generated per kept token: {generated / kept:.2f} ({generated} / {kept}); "
           f"aborted sequences: {sum(p.aborted for p in phases)}")
     if any(s.cancel_s for s in steps):
+        print(f"  requests sent again (a server failed them): {', '.join(str(s.retried) for s in steps)}")
         print(f"  of each step: setup {', '.join(f'{s.setup_s:.2f}' for s in steps)} s, cancel "
               f"{', '.join(f'{s.cancel_s:.3f}' for s in steps)} s; then in the background, until every server "
               f"took the abort: {', '.join(f'{s.stream.abort_s:.2f}' for s in steps if s.stream)} s (between "
