@@ -420,6 +420,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(200, self.double.server_info())
         else:
             self._handle({})
+            return
+        self.double.after_call(self.path)
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)

@@ -136,7 +136,16 @@ class SGLangEngine:
         self._check_servers()
         self.wait_for_recoveries()
         self.phase = phase
-        each_server(self.servers, lambda s: s.memory.enter(phase) or {})
+
+        def enter(server: SGLangServer) -> dict:
+            try:
+                server.memory.enter(phase)
+            except ServerUnavailable:  # died since the check: recovered like any dead server, into this phase
+                self._report_dead(self.servers.index(server))
+            return {}
+
+        each_server(self.servers, enter)
+        self.wait_for_recoveries()
 
     def _check_servers(self) -> None:
         """A dead server is recovered; one that restarted unseen (the job script brought it back

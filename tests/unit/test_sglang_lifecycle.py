@@ -365,3 +365,27 @@ def test_a_server_restarted_during_a_rollout_holds_every_tag_until_the_trainers_
     assert [d.crash for d in servers] == [None, None]
     assert servers[0].memory_calls[before - 1:] == [(REL, ALL), (RES, ["weights"]), (RES, ["kv_cache", "cuda_graph"]),
                                                     (REL, ALL)]
+
+
+def test_a_server_that_dies_between_the_check_and_its_release_is_recovered_into_the_phase(doubles, tmp_path):
+    """It answered the phase's health check, then died before its release: the engine recovers it
+    (the job script restarts it) and releases the new process, instead of failing the run."""
+    servers = doubles(2)
+    release_as_job_script([d.url for d in servers])
+    engine = _engine(servers, tmp_path)
+    engine.update_weights(_buckets(1.0), version=0)
+    engine.resume()
+    _greedy(engine)
+    armed = [True]
+
+    def die_after_the_check(path: str) -> None:
+        if path == "/model_info" and armed.pop() if armed else False:
+            servers[1].kill()
+            threading.Timer(1.0, servers[1].restart).start()
+
+    servers[1].after_call = die_after_the_check
+    engine.pause()
+    assert servers[1].restarts == 1 and servers[1].offload_tags == set(ALL) and servers[0].offload_tags == set(ALL)
+    engine.update_weights(_buckets(2.0), version=1)
+    _generation(engine, 2.0, 1)
+    assert [d.crash for d in servers] == [None, None]
