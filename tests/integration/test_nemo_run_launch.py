@@ -22,9 +22,9 @@ def test_slurm_executor_dry_run_renders_the_job(tmp_path):
     for directive in ("#SBATCH --account=rl", "#SBATCH --partition=batch", "#SBATCH --gpus-per-node=8",
                       "#SBATCH --nodes=1", "#SBATCH --exclusive", "#SBATCH --qos=high",
                       "#SBATCH --job-name=megatron-fipo-train",
-                      "#SBATCH --signal=TERM@120"):  # the step itself: NeMo-Run's batch shell passes nothing on
+                      "#SBATCH --signal=TERM@900"):  # the step itself: NeMo-Run's batch shell passes nothing on
         assert directive in text, directive
-    assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120" in text
+    assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=900" in text  # the recipe's launch.preempt_notice_s
     assert "export PATH=/" in text and "/.venv/bin:$PATH" in text  # NeMo-Run's torchrun is the venv's
     trainer = next(line for line in text.splitlines() if line.lstrip().startswith("srun --output"))
     assert f"--chdir {REPO}" in trainer.split("--wait=60")[1]  # the launch dir, after NeMo-Run's code dir
