@@ -79,6 +79,15 @@ def _band(ax, runs: list[Run], key: str, color: str, label: str) -> None:
     ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=color, alpha=0.2, linewidth=0)
 
 
+def _save(fig, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _by_algo(runs: list[Run]) -> dict[str, list[Run]]:
     out: dict[str, list[Run]] = {}
     for r in runs:
@@ -97,10 +106,7 @@ def _plot_curves(groups: dict[str, list[Run]], path: Path) -> None:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    fig.suptitle("FIPO vs DAPO: mean over seeds, band = min-max")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, "FIPO vs DAPO: mean over seeds, band = min-max", path)
 
 
 def _plot_diagnostics(groups: dict[str, list[Run]], path: Path) -> None:
@@ -135,10 +141,7 @@ def _plot_diagnostics(groups: dict[str, list[Run]], path: Path) -> None:
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=7)
-    fig.suptitle("Δlogp = log π_θ − log π_old over the step's mini-batch updates; thin lines: single seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, "Δlogp = log π_θ − log π_old over the step's mini-batch updates; thin lines: single seeds", path)
 
 
 TABLE = [  # (row, how a run gives it)

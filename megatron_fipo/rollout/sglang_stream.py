@@ -83,11 +83,7 @@ class SGLangStream:
             if not self.flights and not self.waiting and self.exhausted:
                 self._tick()
                 return
-            try:
-                ticket, outcome, at = self.done.get(timeout=POLL_S)
-            except queue.Empty:
-                continue
-            result = self._land(ticket, outcome, at)
+            result = self._poll()
             if result is not None:
                 self._fill()  # the freed slots work while the caller scores this group
                 yield result
@@ -173,6 +169,14 @@ class SGLangStream:
         self.done.put((ticket, outcome, time.monotonic()))
 
     # ---- answers -----------------------------------------------------------------------------
+    def _poll(self) -> Optional[GroupResult]:
+        """The next request's group once it is whole, waiting at most POLL_S (None: nothing yet)."""
+        try:
+            ticket, outcome, at = self.done.get(timeout=POLL_S)
+        except queue.Empty:
+            return None
+        return self._land(ticket, outcome, at)
+
     def _land(self, ticket: int, outcome, at: float) -> Optional[GroupResult]:
         """A request's answer: the group's result, None when it is sent again, or the error."""
         flight = self.flights.pop(ticket)
@@ -219,11 +223,7 @@ class SGLangStream:
             if time.monotonic() - last > REABORT_S:  # again: a request may have been in transit
                 self._abort_servers()
                 last = time.monotonic()
-            try:
-                ticket, outcome, at = self.done.get(timeout=POLL_S)
-            except queue.Empty:
-                continue
-            result = self._land(ticket, outcome, at)
+            result = self._poll()
             if result is not None:
                 self.cut.append(result)
         self._tick()
