@@ -37,16 +37,6 @@ class StepBatch:
     stats: dict[str, float]
 
 
-def submit_score(scorer: Scorer, group: list[Sample], problem: Problem) -> "Future[GroupScores]":
-    """One group's scores (rewards [1, n]), in the scorer's worker pool where it has one."""
-    submit = getattr(scorer, "submit", None)
-    if submit is not None:
-        return submit(group, problem)
-    future: Future = Future()  # no pool yet: scored here, at once
-    future.set_result(scorer.score([group], [problem]))
-    return future
-
-
 @dataclass
 class _Arrival:
     result: GroupResult
@@ -143,7 +133,7 @@ class Collector:
         for result in stream:
             self._account(pool, result)
             problem = problems[result.key]
-            pending.append(_Arrival(result, problem, submit_score(self.scorer, result.samples, problem)))
+            pending.append(_Arrival(result, problem, self.scorer.submit(result.samples, problem)))
             self._settle(pool, pending, block=stream.blocking, limit=tr.prompts_per_step)
             if len(pool.groups) >= tr.prompts_per_step:
                 for cut in stream.cancel(keep_partial=self.cfg.rollout.partial_rollouts):
