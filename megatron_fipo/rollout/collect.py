@@ -61,7 +61,7 @@ class _KeptGroups:
     tokens_generated: int = 0
     latencies: list[float] = field(default_factory=list)  # per sample: its request's dispatch to completion
     reward_waits: list[float] = field(default_factory=list)  # per group: completion to scores in hand
-    reward_seconds: float = 0.0  # of the rollout's time, blocked on scores
+    reward_seconds: float = 0.0  # of the rollout's time, spent scoring (no pool) or blocked on scores
 
     def add(self, arrival: _Arrival, scores: GroupScores, dynamic_sampling: bool) -> None:
         self.reward_waits.append(time.monotonic() - arrival.result.done_at)
@@ -133,7 +133,9 @@ class Collector:
         for result in stream:
             self._account(pool, result)
             problem = problems[result.key]
+            submitted = time.monotonic()  # without a pool, submit scores the group itself
             pending.append(_Arrival(result, problem, self.scorer.submit(result.samples, problem)))
+            pool.reward_seconds += time.monotonic() - submitted
             self._settle(pool, pending, block=stream.blocking, limit=tr.prompts_per_step)
             if len(pool.groups) >= tr.prompts_per_step:
                 for cut in stream.cancel(keep_partial=self.cfg.rollout.partial_rollouts):
