@@ -44,6 +44,7 @@ from megatron_fipo.rollout.factory import build_engine, build_handoff
 from megatron_fipo.rollout.shares import Share, ShareChannel, pack_shares
 from megatron_fipo.sequences import SequenceBatch
 from megatron_fipo.stop import StopFlag
+from megatron_fipo import timings
 
 log = logging.getLogger("megatron_fipo")
 
@@ -228,8 +229,10 @@ class Trainer:
         return {}  # one summary per run: rank 0 prints it
 
     def _log(self, step: int, metrics: dict) -> None:
+        records = timings.drain()  # every rank drains its own; rank 0's are written, for `plan --calibrate`
         if self.metrics is not None:
             self.metrics.log(step, metrics)
+            timings.append(self.run_dir, step, records)
 
     # ---- phases ------------------------------------------------------------------------------
     def _sync_weights(self, version: int) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional
@@ -28,6 +29,7 @@ from megatron_fipo.validation import validate_parallel
 from megatron_fipo.metrics import merge_metrics
 from megatron_fipo.model_arch import ModelArch
 from megatron_fipo.sequences import SequenceBatch
+from megatron_fipo import timings
 
 
 @dataclass
@@ -123,7 +125,10 @@ class MegatronActor:
     def _run(self, microbatches: list[MicroBatch], loss_fn, forward_only: bool, temperature: float):
         if self.offloader.offloaded:  # its tensors have no memory: a segfault on CPU, garbage on GPU
             raise RuntimeError("MegatronActor: weights are offloaded (rollout phase); call onload() first")
+        starts: list[float] = []  # when each micro-batch's forward step began (timings.py)
+
         def forward_step(data_iterator, model):
+            starts.append(time.perf_counter())
             mb = next(data_iterator)
             ctx = self._context(temperature)
             return self._forward(mb, model, ctx), partial(loss_fn, mb, ctx)
@@ -131,7 +136,7 @@ class MegatronActor:
         n_chunks = len(self.model)
         iterators = [iter(microbatches) for _ in range(n_chunks)] if n_chunks > 1 else iter(microbatches)
         longest = max(mb.tokens.shape[1] for mb in microbatches)
-        return self.forward_backward(
+        out = self.forward_backward(
             forward_step_func=forward_step,
             data_iterator=iterators,
             model=self.model if n_chunks > 1 else self.model[0],
@@ -140,6 +145,13 @@ class MegatronActor:
             micro_batch_size=max(mb.tokens.shape[0] for mb in microbatches),
             forward_only=forward_only,
         )
+        if self.ps.get_pipeline_model_parallel_world_size() == 1:
+            # Without a pipeline, micro-batch i runs (forward, loss, backward) from its forward step
+            # to the next one's; the last until the schedule returns.
+            ends = starts[1:] + [time.perf_counter()]
+            for mb, start, end in zip(microbatches, starts, ends):
+                timings.record("forward" if forward_only else "train", *_attention_size(mb), end - start)
+        return out
 
     def _broadcast_from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.ps.get_pipeline_model_parallel_world_size() > 1:
@@ -315,6 +327,16 @@ class MegatronActor:
         for vp, chunk in enumerate(self.chunks):
             for name, param in chunk.named_parameters():
                 yield vp, name, param
+
+
+def _attention_size(mb: MicroBatch) -> tuple[int, int]:
+    """(tokens computed, sum of squared sequence lengths) of a micro-batch, as the planner counts them:
+    packed, each sequence attends within itself; padded, every row over the whole width."""
+    rows, width = mb.tokens.shape
+    if mb.cu_seqlens is not None:
+        lengths = (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).long()
+        return mb.tokens.numel(), int((lengths * lengths).sum())
+    return mb.tokens.numel(), rows * width * width
 
 
 def build_actor(sections: TrainerSections, arch: Optional[ModelArch] = None) -> MegatronActor:

@@ -3,13 +3,17 @@
 A run's ``metrics.jsonl`` gives, per RL step, the seconds of each phase (``time/rollout_s``,
 ``time/old_logprob_s``, ``time/train_s`` which includes the old-logprob pass, ``time/sync_s``) and
 the workload that produced them (samples and tokens generated and trained, response lengths,
-generation batches); its ``config.yaml`` gives the layout. For each step the planner predicts the
-phases from that step's own workload; the fit moves the factors of :class:`Efficiency` (in log
-space, a weak pull towards their starting values keeps factors the runs cannot see where they were)
-to minimize the squared log error of every phase of every step. The first step of a run is left out:
-it pays one-time costs (allocator warm-up, first-call kernel selection) later steps do not. Other
-jobs on the machine only ever add time, so the fit weighs steps slower than predicted less, and the
-report compares each phase at its least-disturbed step.
+generation batches); its ``config.yaml`` gives the layout; its ``timings.jsonl`` (megatron_fipo/timings.py)
+the seconds of single calls: each micro-batch of the actor and each decode batch of the embedded
+engine, with its size. A phase alone cannot tell a fixed cost per call from a cost per FLOP when
+every step makes the same calls; the calls' sizes differ within a step, which separates the two.
+For each step and each call the planner predicts the seconds from that step's workload or that
+call's size; the fit moves the factors of :class:`Efficiency` (in log space, a weak pull towards
+their starting values keeps factors the runs cannot see where they were) to minimize the squared
+log error of all of them. The first RL step of a run is left out: it pays one-time costs (allocator
+warm-up, first-call kernel selection) later steps do not. Other jobs on the machine only ever add
+time, so the fit weighs calls and steps slower than predicted less and counts large errors
+linearly (Huber), and the report compares each phase at its least-disturbed step.
 """
 
 from __future__ import annotations
@@ -19,15 +23,18 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from megatron_fipo import timings
 from megatron_fipo.config_base import ConfigError
 from megatron_fipo.plan.step_time import Efficiency, ResponseLengths, Workload
 
 PHASES = ("rollout", "old_logprob", "train", "sync")
 # The factors a fit moves; the rest (file-system bandwidth, NIC and NVLink efficiency, which no
 # single-node run exercises) stay as given. The collective latencies move only with a TP > 1 run.
-FITTED = ("decode_bandwidth", "decode_mfu", "prefill_mfu", "layer_latency_s", "forward_mfu", "train_mfu",
-          "score_s_per_sample", "optimizer_step_s", "sync_bandwidth", "sync_latency_s", "collective_latency_s",
-          "gather_latency_s")
+# Calls timed in timings.jsonl, by kind: the phase their seconds are part of.
+CALLS = {"forward": "microbatch_forward", "train": "microbatch_train", "decode": "decode_batch"}
+FITTED = ("decode_bandwidth", "decode_mfu", "prefill_mfu", "layer_latency_s", "decode_step_latency_s",
+          "microbatch_latency_s", "backward_latency_factor", "forward_mfu", "train_mfu", "score_s_per_sample",
+          "optimizer_step_s", "sync_bandwidth", "sync_latency_s", "collective_latency_s", "gather_latency_s")
 PRIOR_WEIGHT = 1e-4  # per factor: only pins the directions no run constrains
 
 
@@ -79,59 +86,91 @@ def least_disturbed(rows: list[tuple[dict[str, float], "callable"]], eff: Effici
     """(measured, predicted) seconds of ``phase`` at the step that ran closest to its prediction
     from below: the one least slowed by whatever else shared the machine. Other jobs only ever add
     time, so, as ``timeit`` takes the fastest repeat, the comparison takes this step."""
-    pairs = [(seconds[phase], predict(eff)[phase]) for seconds, predict in rows]
+    pairs = [(seconds[phase], predict(eff).get(phase, 0.0)) for seconds, predict in rows if phase in seconds]
     pairs = [(m, p) for m, p in pairs if m > 0 and p > 0]
     return min(pairs, key=lambda mp: mp[0] / mp[1]) if pairs else (0.0, 0.0)
 
 
-# A step slower than predicted weighs this much (squared) against one faster: on a shared machine
-# other jobs only ever add time, so a slow step is more likely disturbed than mispredicted.
+# Log errors beyond this count linearly, not squared (Huber): a step or call another job slowed (by
+# up to 10x on a shared machine) moves the fit as little as a median would be moved.
+HUBER = 0.1
+# A step or call slower than predicted weighs this much against one faster: other jobs (on this
+# VM, the host's too: the same micro-batch's seconds drift by 30% between steps of one quiet run)
+# only ever add time, so a slow one is more likely disturbed than mispredicted.
 SLOW_WEIGHT = 0.2
 
 
-def fit(runs: list[list[tuple[dict[str, float], "callable"]]], start: Efficiency, sweeps: int = 3) -> Efficiency:
-    """Coordinate descent in log space over :data:`FITTED`.
+def fit(runs: list[list[tuple[dict[str, float], "callable"]]], start: Efficiency, iterations: int = 200) -> Efficiency:
+    """Least squares in log space over :data:`FITTED` (Levenberg-Marquardt: the factors are
+    strongly correlated, e.g. a decode step's fixed cost against its per-sequence cost, where
+    coordinate descent crawls).
 
     ``runs`` holds, per run, each step's measured seconds per phase with a function that, given an
-    :class:`Efficiency`, predicts them. The loss sums, over every phase of every step, the squared
-    log error (weighted by :data:`SLOW_WEIGHT` where the step ran slower than predicted), plus the
-    pull towards ``start``."""
+    :class:`Efficiency`, predicts them (a timed call is a row of its own). The residuals are every
+    phase's log error (its square Huber's loss beyond :data:`HUBER`, times :data:`SLOW_WEIGHT` where
+    it ran slower than predicted), and the pull
+    ``sqrt(PRIOR_WEIGHT) x`` (log factor - its start)."""
     names = list(FITTED)
-    theta0 = {n: math.log(getattr(start, n)) for n in names}
+    theta0 = [math.log(getattr(start, n)) for n in names]
     rows = [row for run in runs for row in run]
+    prior = math.sqrt(PRIOR_WEIGHT)
 
-    def loss(theta: dict[str, float]) -> float:
-        eff = replace(start, **{n: math.exp(v) for n, v in theta.items()})
-        total = sum(PRIOR_WEIGHT * (theta[n] - theta0[n]) ** 2 for n in names)
+    def residuals(theta: list[float]) -> list[float]:
+        eff = replace(start, **{n: math.exp(v) for n, v in zip(names, theta)})
+        out = [prior * (t - t0) for t, t0 in zip(theta, theta0)]
         for measured, predict in rows:
             predicted = predict(eff)
-            for phase in PHASES:
-                if measured.get(phase, 0) > 0 and predicted.get(phase, 0) > 0:
-                    r = math.log(measured[phase] / predicted[phase])
-                    total += (SLOW_WEIGHT * r if r > 0 else r) ** 2
-        return total
+            for phase in sorted(measured):
+                m, p = measured[phase], predicted.get(phase, 0.0)
+                r = math.log(m / p) if m > 0 and p > 0 else 0.0
+                r = r if abs(r) <= HUBER else math.copysign(math.sqrt(HUBER * (2 * abs(r) - HUBER)), r)
+                out.append(SLOW_WEIGHT * r if r > 0 else r)
+        return out
 
-    theta = dict(theta0)
-    for _ in range(sweeps):
-        for n in names:
-            theta[n] = _golden(lambda v: loss({**theta, n: v}), theta[n] - 5, theta[n] + 5)
-    return replace(start, **{n: math.exp(v) for n, v in theta.items()})
-
-
-def _golden(f, lo: float, hi: float, iters: int = 24) -> float:
-    g = (math.sqrt(5) - 1) / 2
-    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    fa, fb = f(a), f(b)
-    for _ in range(iters):
-        if fa < fb:
-            hi, b, fb = b, a, fa
-            a = hi - g * (hi - lo)
-            fa = f(a)
+    theta, damping, h = list(theta0), 1e-3, 1e-5
+    res = residuals(theta)
+    cost = sum(r * r for r in res)
+    for _ in range(iterations):
+        columns = []
+        for j in range(len(theta)):
+            moved = residuals([t + (h if i == j else 0.0) for i, t in enumerate(theta)])
+            columns.append([(a - b) / h for a, b in zip(moved, res)])
+        jtj = [[sum(a * b for a, b in zip(ci, cj)) for cj in columns] for ci in columns]
+        jtr = [sum(a * b for a, b in zip(c, res)) for c in columns]
+        while damping < 1e12:
+            system = [[v + (damping * max(row[i], 1e-12) if i == k else 0.0) for k, v in enumerate(row)]
+                      for i, row in enumerate(jtj)]
+            step = _solve(system, [-g for g in jtr])
+            trial = [t + d for t, d in zip(theta, step)]
+            trial_res = residuals(trial)
+            trial_cost = sum(r * r for r in trial_res)
+            if trial_cost < cost:
+                break
+            damping *= 4
         else:
-            lo, a, fa = a, b, fb
-            b = lo + g * (hi - lo)
-            fb = f(b)
-    return (lo + hi) / 2
+            break  # no step lowers the cost: converged
+        converged = cost - trial_cost < 1e-12 * max(cost, 1e-300)
+        theta, res, cost, damping = trial, trial_res, trial_cost, max(damping / 3, 1e-9)
+        if converged:
+            break
+    return replace(start, **{n: math.exp(v) for n, v in zip(names, theta)})
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """x with a x = b (Gaussian elimination with partial pivoting; a is small and positive definite)."""
+    n = len(b)
+    m = [row[:] + [v] for row, v in zip(a, b)]
+    for c in range(n):
+        pivot = max(range(c, n), key=lambda r: abs(m[r][c]))
+        m[c], m[pivot] = m[pivot], m[c]
+        for r in range(c + 1, n):
+            f = m[r][c] / m[c][c]
+            for k in range(c, n + 1):
+                m[r][k] -= f * m[c][k]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        x[r] = (m[r][n] - sum(m[r][k] * x[k] for k in range(r + 1, n))) / m[r][r]
+    return x
 
 
 def save(eff: Efficiency, path: str | Path, device: str, runs: list[str]) -> None:
@@ -174,10 +213,25 @@ def run_rows(run: str | Path, dev) -> list[tuple[dict[str, float], "callable"]]:
     shape = ModelShape.from_arch(arch)
     per_node = cfg.launch.nproc_per_node if cfg.launch.gpus_per_node == 0 else cfg.launch.gpus_per_node
     rows = []
+    calls = timings.read(run)
     for rec in read_steps(run, cfg):
         lay = config_estimate(cfg, arch, dev, rec.workload, Efficiency(), per_node, rec.world_size)[0].layout
         rows.append((rec.seconds, predictor(shape, dev, lay, rec.workload)))
+        for kind, records in calls.get(rec.step, {}).items():
+            if kind in CALLS:
+                rows += [({CALLS[kind]: r[-1]}, call_predictor(shape, dev, lay, kind, r[:-1])) for r in records]
     return rows
+
+
+def call_predictor(shape, dev, lay, kind: str, size: list[float]):
+    """A function of the efficiency factors: the predicted seconds of one timed call of ``kind``."""
+    from megatron_fipo.plan.step_time import decode_batch_seconds, microbatch_seconds
+
+    if kind == "decode":
+        rows, width, steps = size
+        return lambda eff: {CALLS[kind]: decode_batch_seconds(shape, dev, lay, eff, int(rows), width, int(steps))}
+    tokens, sum_sq = size
+    return lambda eff: {CALLS[kind]: microbatch_seconds(shape, dev, lay, eff, kind == "train", tokens, sum_sq)}
 
 
 def calibrate(run_dirs: list[str], dev, start: Efficiency) -> tuple[Efficiency, str]:
@@ -189,10 +243,10 @@ def calibrate(run_dirs: list[str], dev, start: Efficiency) -> tuple[Efficiency, 
 
 
 def fit_report(per_run, eff: Efficiency) -> str:
-    lines = [f"{'run':<40} {'phase':<12} {'measured s':>11} {'predicted s':>12} {'error':>7}   (least-disturbed step)"]
+    lines = [f"{'run':<40} {'phase / call':<18} {'measured s':>11} {'predicted s':>12} {'error':>7}   (least-disturbed step)"]
     for run, rows in per_run:
-        for phase in PHASES:
+        for phase in (*PHASES, *CALLS.values()):
             m, p = least_disturbed(rows, eff, phase)
-            err = f"{100 * (p / m - 1):+.0f}%" if m > 0 else "-"
-            lines.append(f"{str(run)[-40:]:<40} {phase:<12} {m:>11.4f} {p:>12.4f} {err:>7}")
+            if m > 0:
+                lines.append(f"{str(run)[-40:]:<40} {phase:<18} {m:>11.4f} {p:>12.4f} {100 * (p / m - 1):>+6.0f}%")
     return "\n".join(lines)

@@ -28,18 +28,24 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Literal, Optional
 
 from megatron_fipo.config_base import ConfigError
 from megatron_fipo.plan.hardware import GB, GPU, GPUS
 
-# A device entry for this project's CPU runs. These numbers are placeholders of the right order for a
-# small x86 machine, NOT data-sheet figures: a CPU's rates depend on cores, threads and load, so CPU
-# estimates are meaningful only after `megatron-fipo plan --calibrate RUN_DIR` has fitted the
-# efficiency factors (which multiply these rates) to runs on the machine itself.
-CPU = GPU("cpu", 16 * 2**30, 20 * GB, 100e9, 100e9, 10 * GB, 10 * GB, 16 * 2**30)
+# A device entry for this project's CPU runs. Memory, bandwidth and FLOP/s are placeholders of the
+# right order for a small x86 machine, NOT data-sheet figures: a CPU's rates depend on cores, threads
+# and load, so CPU estimates are meaningful only after `megatron-fipo plan --calibrate RUN_DIR` has
+# fitted the efficiency factors (which multiply these rates) to runs on the machine itself. The link
+# between ranks is gloo over loopback, which a TP=1 calibration run cannot show, so it is measured
+# instead (tools/bench_cpu_collectives.py, 2 processes on the idle 2-core machine, medians of 1,000):
+# an all-reduce of 360 KB per rank (the tiny job's activations per micro-batch) took 0.72-0.91 ms,
+# 0.17 ms of it per call (4 bytes: 0.16-0.19 ms), so 0.65 GB/s; larger messages go faster (4 MB:
+# ~1.1 GB/s), which this linear model leaves out. NVLink's figure is both directions, as data sheets quote.
+CPU_LINK = 0.65 * GB
+CPU = GPU("cpu", 16 * 2**30, 20 * GB, 100e9, 100e9, 2 * CPU_LINK, CPU_LINK, 16 * 2**30)
 DEVICES: dict[str, GPU] = {**GPUS, "cpu": CPU}
 
 
@@ -157,19 +163,16 @@ class Efficiency:
 
 # Starting factors for the `cpu` device, placeholders of the order a Python-driven run with one
 # core per process shows (op dispatch of tens of microseconds, gloo over loopback): a calibration
-# replaces the ones its runs exercise. One run cannot separate per-call latency from per-FLOP cost
-# (its micro-batches all look alike), so those keep their ratio here unless the calibration is
-# given runs with different micro-batch sizes; a TP=1 run cannot show `collective_latency_s`.
-# Latencies: a layer's forward is ~10 dispatched ops of ~20 us; a micro-batch adds ~1 ms of Python
-# (batch assembly, schedule, loss). Ranks that compute between collectives on a loaded machine meet
-# only once both are scheduled: about half of Linux's default scheduling period (6 ms). Back-to-back
-# gathers (the weight sync) stay in step and pay a gloo round trip over loopback, under 1 ms. A TP=1 run
-# cannot show either: these two were set after seeing TP=2 runs of the tiny job on this machine (which
-# implied 2.3-4 ms per collective between computation, 0.6 ms per back-to-back gather), not fitted.
+# replaces the ones its runs exercise (timings.jsonl's calls of different sizes separate per-call
+# latency from per-FLOP cost). Latencies: a layer's forward is ~10 dispatched ops of ~20 us; a
+# micro-batch adds ~1 ms of Python (batch assembly, schedule, loss). A TP=1 run cannot show the
+# collectives: their per-call latency is measured with CPU_LINK above (all-reduce 0.17 ms; an
+# all-gather of 16-360 KB per rank, the tiny model's weight shards in the sync, 0.25-0.8 ms: 0.4 ms
+# taken), and the link's efficiency is 1 (measured as achieved, not as a peak).
 CPU_EFFICIENCY = Efficiency(train_mfu=0.3, forward_mfu=0.3, prefill_mfu=0.3, decode_mfu=0.3, decode_bandwidth=0.5,
                             layer_latency_s=2e-4, microbatch_latency_s=1e-3, decode_step_latency_s=1e-3,
-                            collective_latency_s=3e-3, gather_latency_s=6e-4, sync_latency_s=1e-3,
-                            optimizer_step_s=0.02)
+                            collective_latency_s=1.7e-4, gather_latency_s=4e-4, nvlink=1.0, nic=1.0,
+                            sync_latency_s=1e-3, optimizer_step_s=0.02)
 
 
 def default_efficiency(dev: GPU) -> Efficiency:
@@ -454,6 +457,17 @@ def rollout_phase(shape: ModelShape, dev: GPU, lay: StepLayout, wl: Workload, ef
     ))
 
 
+def decode_batch_seconds(shape: ModelShape, dev: GPU, lay: StepLayout, eff: Efficiency, rows: int, prompt_len: float,
+                         steps: int) -> float:
+    """One static batch of ``rows`` sequences prefilled from ``prompt_len`` tokens and decoded for
+    ``steps`` steps on one engine (what the embedded engine records in timings.jsonl): the rollout
+    phase's own terms for that batch, without scoring."""
+    wl = Workload(prompts_per_step=rows, n_samples=1, prompt_len=prompt_len, lengths=ResponseLengths(steps, steps),
+                  gen_prompts_per_batch=rows, gen_batches=1, minibatch_prompts=rows, score_s_per_sample=0.0)
+    one = replace(lay, engines=1, concurrency=rows, continuous_batching=False, prefix_sharing=False)
+    return rollout_phase(shape, dev, one, wl, eff).seconds
+
+
 # ---- training -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -511,11 +525,9 @@ def _link(lay: StepLayout, dev: GPU, eff: Efficiency, span: int) -> tuple[float,
     return dev.nic_bandwidth * eff.nic, "NIC"
 
 
-def pass_phase(name: str, shape: ModelShape, dev: GPU, lay: StepLayout, wl: Workload, eff: Efficiency,
-               backward: bool) -> PhaseTime:
-    """The old-logprob pass (forward) or the PPO updates (forward + backward + optimizer)."""
-    mb = microbatches(wl, lay)
-    passes = wl.ppo_epochs if backward else wl.logprob_passes
+def _microbatch_terms(shape: ModelShape, dev: GPU, lay: StepLayout, eff: Efficiency, backward: bool, passes: int,
+                      mb: Microbatches) -> list[Term]:
+    """Compute, bubble, launch latency and TP collectives of ``passes`` passes over these micro-batches."""
     model_parallel = lay.tp * lay.pp * lay.cp
     peak = dev.fp8_dense_flops if lay.fp8 else dev.bf16_dense_flops
     mfu = eff.train_mfu if backward else eff.forward_mfu
@@ -551,6 +563,23 @@ def pass_phase(name: str, shape: ModelShape, dev: GPU, lay: StepLayout, wl: Work
         calls_total = passes * mb.count * (shape.layers / lay.pp * calls + 3 * (2 if backward else 1))
         terms.append(Term("TP collective latency", calls_total * eff.collective_latency_s,
                           f"{calls_total:.0f} calls x {eff.collective_latency_s:.3g} s"))
+    return terms
+
+
+def microbatch_seconds(shape: ModelShape, dev: GPU, lay: StepLayout, eff: Efficiency, backward: bool, tokens: float,
+                       sum_sq: float) -> float:
+    """One micro-batch of ``tokens`` (sum of squared sequence lengths ``sum_sq``) through the
+    forward, or forward and backward: what the actor records in timings.jsonl."""
+    one = Microbatches(1, tokens, sum_sq, 1)
+    return sum(t.seconds for t in _microbatch_terms(shape, dev, lay, eff, backward, 1, one))
+
+
+def pass_phase(name: str, shape: ModelShape, dev: GPU, lay: StepLayout, wl: Workload, eff: Efficiency,
+               backward: bool) -> PhaseTime:
+    """The old-logprob pass (forward) or the PPO updates (forward + backward + optimizer)."""
+    mb = microbatches(wl, lay)
+    passes = wl.ppo_epochs if backward else wl.logprob_passes
+    terms = _microbatch_terms(shape, dev, lay, eff, backward, passes, mb)
     if backward:
         steps = passes * max(1, wl.prompts_per_step // wl.minibatch_prompts)
         local_params = shape.params / (lay.tp * lay.pp)

@@ -12,6 +12,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from megatron_fipo import timings
 from megatron_fipo.bridge.mapping import hf_shapes
 from megatron_fipo.model_arch import ModelArch
 from megatron_fipo.rollout.base import (GenerationAborted, GroupRequest, GroupResult, Sample, SamplingParams,
@@ -114,6 +115,7 @@ class EmbeddedEngine:
         return EmbeddedStream(self, requests, sampling, seed)
 
     def _generate_batch(self, prompts: list[list[int]], sp: SamplingParams, generator) -> list[Sample]:
+        started = time.perf_counter()
         model = TorchDecoder(self.arch, self.weights)
         b = len(prompts)
         width = max(len(p) for p in prompts)
@@ -159,6 +161,7 @@ class EmbeddedEngine:
             hidden = model.forward(token.unsqueeze(-1), next_pos.unsqueeze(-1), cache, slot,
                                    key_valid[:, None, None, : slot + 1])[:, -1]
             next_pos = next_pos + 1
+        timings.record("decode", b, width, step + 1, time.perf_counter() - started)
         return [
             Sample(
                 prompt_ids=list(prompts[i]),

@@ -74,3 +74,18 @@ def test_bad_weights_are_rejected(setup):
         engine.update_weights([[("model.layers.99.mlp.up_proj.weight", torch.zeros(1))]], version=8)
     with pytest.raises(ValueError, match="has shape"):
         engine.update_weights([[("model.norm.weight", torch.zeros(3))]], version=8)
+
+
+def test_each_static_batch_is_timed_with_its_size(setup):
+    """timings.jsonl's decode records: one per batch of max_batch sequences, with the batch's rows,
+    its prompt width (the longest prompt) and the decode steps it ran."""
+    from megatron_fipo import timings
+
+    engine, _ = setup
+    timings.drain()
+    engine.generate(PROMPTS, n=3, sampling=SamplingParams(temperature=0.0, max_new_tokens=6), seed=0)
+    decode = timings.drain()["decode"]
+    # 9 sequences, max_batch 5: prompt 0's three copies and two of prompt 1's (widths 4, 2), then
+    # prompt 1's last copy and prompt 2's three (widths 2, 7); greedy without stop tokens runs all 6 steps.
+    assert [r[:3] for r in decode] == [[5, 4, 6], [4, 7, 6]]
+    assert all(r[3] > 0 for r in decode)

@@ -66,6 +66,29 @@ def test_one_rl_step_in_order(runs):
                     "actor.compute_logprobs", "actor.train_step", "actor.train_step", "engine.update_weights"]
 
 
+def test_timings_record_every_call_with_its_size(runs):
+    """timings.jsonl (what `plan --calibrate` fits per-call costs from): at each RL step, the decode
+    batches hold every generated sample, and the micro-batches of the old-logprob pass and of the
+    updates hold every trained sample once (padded micro-batches: rows = tokens^2 / sum of squares)."""
+    from megatron_fipo import timings
+    from megatron_fipo.metrics import read_metrics
+
+    _, run = runs["off"]
+    calls = timings.read(run)
+    steps = [m for m in read_metrics(run / "metrics.jsonl") if "time/train_s" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    for m in steps:
+        rec = calls[m["step"]]
+        eval_rows = 8 * 2 if "eval/accuracy" in m else 0  # data.eval_size x rollout.eval_n_samples
+        assert sum(rows for rows, _, _, _ in rec["decode"]) == m["rollout/samples_generated"] + eval_rows
+        assert all(rows <= 256 and steps_ >= 1 for rows, _, steps_, _ in rec["decode"])  # rollout.max_batch
+        for kind, phase_s in (("forward", m["time/old_logprob_s"]), ("train", m["time/train_s"] - m["time/old_logprob_s"])):
+            assert sum(round(tokens**2 / sum_sq) for tokens, sum_sq, _ in rec[kind]) == m["train/samples"], kind
+            seconds = [s for _, _, s in rec[kind]]
+            assert min(seconds) > 0 and sum(seconds) <= phase_s, kind
+        assert len(rec["train"]) >= 2  # one or more micro-batches per mini-batch (8 prompts / 4)
+
+
 def test_the_replay_catches_an_overlap(runs):
     calls = [dict(c) for c in runs["on"][0]]
     i = next(i for i, c in enumerate(calls) if c["call"] == "actor.offload")

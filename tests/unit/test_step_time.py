@@ -256,3 +256,41 @@ def test_cli_calibrate_saves_and_plans_with_the_factors(tmp_path, capsys):
     assert "measured in" in capsys.readouterr().out
     assert main(["plan", "examples/tiny_cpu.yaml", "--efficiency", str(out), "--gpu", "h100-80gb"]) == 2
     assert "calibrated on cpu" in capsys.readouterr().err
+
+
+def test_timed_calls_separate_per_call_cost_from_flop_rate(tmp_path):
+    """A run whose steps all make the same calls cannot tell a fixed cost per call from a cost per
+    FLOP; timings.jsonl's calls of different sizes can. A run timed by the model at known factors,
+    with micro-batches of 16 and 64 rows and decode batches of 128 and 256 sequences: the fit
+    predicts calls of sizes it never saw (256-row micro-batches, 768-sequence decode batches) to 3%."""
+    from megatron_fipo import timings
+    from megatron_fipo.config_base import save_config
+    from megatron_fipo.plan.layouts import step_layout
+    from megatron_fipo.plan.step_time import decode_batch_seconds, microbatch_seconds
+
+    cfg = load_config(RunConfig, "examples/tiny_cpu.yaml", [f"run_dir={tmp_path}"])
+    save_config(cfg, tmp_path / "config.yaml")
+    shape = ModelShape.from_arch(ModelArch.from_hf_config(cfg.actor.model_config))
+    true = replace(CPU_EFFICIENCY, microbatch_latency_s=0.02, backward_latency_factor=1.5, train_mfu=0.08,
+                   forward_mfu=0.1, decode_mfu=0.05, decode_step_latency_s=4e-3, score_s_per_sample=1e-4)
+    rows = []
+    for step, mean in enumerate([5.6, 5.5, 4.4, 4.0], 1):
+        wl = Workload(32, 8, 5.0, ResponseLengths(mean, 6), 48, 1, 8, score_s_per_sample=1e-4)
+        lay = step_layout(cfg, CPU, 1, 1, None, wl)
+        t = {p.name: p.seconds for p in estimate(shape, CPU, lay, wl, true).phases}
+        rows.append({"step": step, "time/rollout_s": t["rollout"], "time/old_logprob_s": t["old_logprob"],
+                     "time/train_s": t["old_logprob"] + t["train"], "time/sync_s": t["sync"],
+                     "time/reward_s": 1e-4 * 384, "train/tokens": 256 * (5 + mean), "train/samples": 256,
+                     "train/world_size": 1, "rollout/samples_generated": 384,
+                     "response_length/mean": mean, "response_length/max": 6, "rollout/gen_batches": 1})
+        calls = {kind: [[r * 11, r * 121, microbatch_seconds(shape, CPU, lay, true, kind == "train", r * 11, r * 121)]
+                        for r in (64, 16)] for kind in ("forward", "train")}
+        calls["decode"] = [[r, 5, 6, decode_batch_seconds(shape, CPU, lay, true, r, 5, 6)] for r in (256, 128)]
+        timings.append(tmp_path, step, calls)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fitted, _ = calibrate.calibrate([str(tmp_path)], CPU, CPU_EFFICIENCY)
+    for backward in (False, True):
+        assert microbatch_seconds(shape, CPU, lay, fitted, backward, 256 * 11, 256 * 121) == pytest.approx(
+            microbatch_seconds(shape, CPU, lay, true, backward, 256 * 11, 256 * 121), rel=0.03)
+    assert decode_batch_seconds(shape, CPU, lay, fitted, 768, 5, 6) == pytest.approx(
+        decode_batch_seconds(shape, CPU, lay, true, 768, 5, 6), rel=0.03)
