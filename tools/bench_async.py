@@ -7,10 +7,11 @@ metrics.jsonl, evals and checkpoints included), the mean phase times, the eval a
 after RL, the staleness; then the ratio of steps per hour. Needs .venv-sglang
 (tools/sglang_cpu/setup.sh) and two cores.
 
-Default job: examples/tiny_cpu_sglang.yaml with disaggregated placement (a server of its own) and
-small micro-batches (actor.max_tokens_per_microbatch), which leave the updates' math as it is
-(gradient accumulation over exact token sums) and make training take about as long as the CPU
-server's rollout; pass more overrides after --.
+Default job: examples/tiny_cpu_sglang.yaml (its server runs 64 sequences at once) with
+disaggregated placement (a server of its own) and micro-batches of 96 tokens
+(actor.max_tokens_per_microbatch), which leave the updates' math as it is (gradient accumulation
+over exact token sums) and make training take a little less than the CPU server's rollout (0.76 s
+against 0.98 s on the idle machine); pass more overrides after --.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-JOB = ["rollout.placement=disaggregated", "actor.max_tokens_per_microbatch=32"]
+JOB = ["rollout.placement=disaggregated", "actor.max_tokens_per_microbatch=96"]
 
 
 def _server_python(directory: Path, core: int) -> Path:
