@@ -17,6 +17,7 @@ find_python() {
 }
 
 if [ ! -x .venv/bin/python ]; then
+    scripts/need_disk.sh 9 "a new .venv (torch with its CUDA libraries: 6.4 GB, and pip's downloads)"
     python=$(find_python)
     "$python" -m venv .venv
     .venv/bin/python -m pip install -q --upgrade pip

@@ -4,6 +4,7 @@ torch loads, and leaves no run directory behind."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -239,3 +240,16 @@ def test_convert_of_a_missing_source_fails_before_torch_loads(tmp_path):
                                    "give the HF directory (--to megatron) or the Megatron checkpoint / run's "
                                    "checkpoints directory (--to hf)")
     assert not (tmp_path / "out").exists()
+
+
+def test_setup_refuses_before_installing_on_a_full_disk():
+    """scripts/need_disk.sh, which both setup scripts call before creating a venv: a full disk is
+    named with its free space and what needs it, instead of pip's OSError minutes into the install."""
+    ok = subprocess.run([str(REPO / "scripts/need_disk.sh"), "0", "nothing"], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stderr == ""
+    refused = subprocess.run([str(REPO / "scripts/need_disk.sh"), "1000000", "a new .venv"],
+                             capture_output=True, text=True)
+    assert refused.returncode == 1
+    assert re.search(r"a new \.venv needs about 1000000 GB free on /\S*, which has \d+ GB", refused.stderr), refused.stderr
+    for script in ("scripts/setup_env.sh", "tools/sglang_cpu/setup.sh"):
+        assert "scripts/need_disk.sh" in (REPO / script).read_text(), script

@@ -7,6 +7,7 @@ req=tools/sglang_cpu/requirements.txt
 stamp=".venv-sglang/.installed-$(sha256sum "$req" | cut -c1-16)"
 [ -f "$stamp" ] && exit 0
 if [ ! -x .venv-sglang/bin/python ]; then
+    scripts/need_disk.sh 14 "a new .venv-sglang (SGLang with its own torch and kernels: 11 GB, and pip's downloads)"
     "$(.venv/bin/python -c 'import sys; print(sys._base_executable)')" -m venv .venv-sglang
     .venv-sglang/bin/python -m pip install -q --upgrade pip
 fi
