@@ -1,6 +1,7 @@
 import sympy
 import pytest
 
+from megatron_fipo.reward import math_reward
 from megatron_fipo.reward.math_reward import MathReward, extract_answer, last_boxed
 
 reward = MathReward(answer_format="dapo", timeout_seconds=5.0)
@@ -44,6 +45,27 @@ def test_pathological_answer_times_out_and_is_counted():
     quick = MathReward(answer_format="dapo", timeout_seconds=0.2)
     result = quick(f"Answer: {expanded}", "(x+1)^{30}")
     assert (result.status, result.score) == ("timeout", -1.0)
+
+
+def test_a_final_answer_seen_before_is_not_parsed_again_and_scores_the_same(monkeypatch):
+    """The verdict is memoized on (extracted answer, ground truth): other text around the same final
+    answer reuses it; another answer, another truth or a timeout are checked anew."""
+    calls = []
+    real_parse = math_reward.parse
+    monkeypatch.setattr(math_reward, "parse", lambda text, **kw: calls.append(text) or real_parse(text, **kw))
+    math_reward._check.cache_clear()
+    first = reward("adding them: 12 + 5.\nAnswer: 17", "17")
+    assert len(calls) == 2 and (first.status, first.answer) == ("correct", "17")
+    again = reward("so it is\nAnswer: 17", "17")
+    assert len(calls) == 2 and again == first
+    assert reward("Answer: 17", "18").status == "wrong" and len(calls) == 4
+    assert reward("Answer: 16", "17").status == "wrong" and len(calls) == 6
+    x = sympy.Symbol("x")
+    slow = f"Answer: {sympy.latex(sympy.expand((x + 1) ** 30))}"
+    quick = MathReward(answer_format="dapo", timeout_seconds=0.2)
+    assert quick(slow, "(x+1)^{30}").status == "timeout"
+    parsed = len(calls)
+    assert quick(slow, "(x+1)^{30}").status == "timeout" and len(calls) > parsed
 
 
 def test_extraction_formats():
