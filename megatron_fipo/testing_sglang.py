@@ -74,6 +74,7 @@ class SGLangDouble:
         self.port = 0
         self.calls: list[str] = []  # every path served, in order, across restarts
         self.memory_calls: list[tuple[str, list[str]]] = []  # (release/resume, tags named)
+        self.flushes: list[str] = []  # what flushed the prefix cache: a path, with "empty_cache" when it also emptied
         self.restarts = 0
         # Called with each path after its answer went out: a test's hook to kill or restart the double.
         self.after_call: Callable[[str], None] = lambda path: None
@@ -264,7 +265,7 @@ class SGLangDouble:
             raise _Crash(f"IndexError: {err} ({SRC}managers/tp_worker.py:200)") from None
         self._load(named, "update_weights_from_tensor")
         self.session["loaded"] = True
-        return {"success": True, "message": "Success"}
+        return self._flush_after_update(payload, {"success": True, "message": "Success"})
 
     def update_weights_from_disk(self, payload: dict) -> dict:
         from safetensors.torch import load_file
@@ -273,7 +274,7 @@ class SGLangDouble:
         self._load(named, "update_weights_from_disk")
         if payload.get("weight_version") is not None:
             self.weight_version = payload["weight_version"]
-        return {"success": True, "message": "Succeeded to update model weights."}
+        return self._flush_after_update(payload, {"success": True, "message": "Succeeded to update model weights."})
 
     def init_weights_update_group(self, payload: dict) -> dict:
         import torch.distributed as dist
@@ -315,11 +316,23 @@ class SGLangDouble:
             named.append((name, tensor))
         self._load(named, "update_weights_from_distributed")
         self.session["loaded"] = True
-        return {"success": True, "message": "Succeeded to update parameter online."}
+        return self._flush_after_update(payload, {"success": True, "message": "Succeeded to update parameter online."})
+
+    def _flush_after_update(self, payload: dict, result: dict) -> dict:
+        # weight_updater.py:120: flush_cache defaults to True (io_struct.py:1990), without emptying
+        # the allocator (torch_empty_cache False); refused, it fails the update call.
+        if not payload.get("flush_cache", True):
+            return result
+        if not self._idle():
+            return {"success": False, "message": "Weights were updated, but the cache was not flushed because "
+                    "requests are still running or queued. Retract or finish them, then call /flush_cache."}
+        self.flushes.append("update")
+        return result
 
     def flush_cache(self, payload: dict) -> str:
         if not self._idle():  # scheduler.py:5520, answered 400 by http_server.py:1037
             raise _Refused("Cache not flushed because there are pending requests.")
+        self.flushes.append("flush_cache+empty_cache")  # scheduler.py:5533: empty_cache=True
         return "Cache flushed."
 
     def update_weight_version(self, payload: dict) -> dict:

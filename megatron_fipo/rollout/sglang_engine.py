@@ -25,7 +25,7 @@ from megatron_fipo.config import RolloutConfig
 from megatron_fipo.model_arch import ModelArch
 from megatron_fipo.rollout.base import GroupRequest, Sample, SamplingParams
 from megatron_fipo.rollout.sglang_http import SGLangError, ServerUnavailable
-from megatron_fipo.rollout.sglang_memory import KV_CACHE, Phase
+from megatron_fipo.rollout.sglang_memory import Phase
 from megatron_fipo.rollout.sglang_server import SGLangServer, job_script_servers
 from megatron_fipo.rollout.sglang_stream import SGLangStream
 from megatron_fipo.rollout.sglang_weights import (DiskTransport, DistributedTransport, TensorTransport, each_server,
@@ -108,10 +108,9 @@ class SGLangEngine:
         self._enter("update")
 
     def end_update(self, version: int) -> None:
-        """After a push: drop cached prefixes (their KV came from the old weights), stamp the version."""
-        # A released KV cache was flushed by its release, and nothing ran since.
-        each_server([s for s in self.servers if s.memory.resident(KV_CACHE)], lambda s: s.http.post("/flush_cache"))
-        set_version(self.servers, version)
+        """After a push (whose last load flushed the cached prefixes): stamp the version where the
+        transport has not."""
+        set_version([s for s in self.servers if s.weight_version != str(version)], version)
         self.weight_version = version
 
     def pause(self) -> None:

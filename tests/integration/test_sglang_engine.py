@@ -118,7 +118,7 @@ def test_weight_updates_change_greedy_output_to_the_embedded_engines(setup):
 
     # update_weights_from_disk back to the first weights.
     DiskTransport(root / "disk", arch).push(engine.servers, _buckets(readers[0], names), version=2)
-    engine.update_weights([], version=2)  # no tensors: only flushes the cache and bumps the version
+    engine.update_weights([], version=2)  # no tensors: only bumps the version (the disk push flushed the cache)
     again = _greedy(engine)
     _assert_same_greedy(again, _greedy(references[0]))
     assert {s.weight_version for g in again for s in g} == {2}

@@ -32,7 +32,7 @@ def _weights(value: float) -> dict[str, torch.Tensor]:
 
 
 def _buckets(value: float):
-    return [list(_weights(value).items())]
+    return [[item] for item in _weights(value).items()]  # two buckets: a sync makes two load calls
 
 
 def _expected(value: float, prompt: list[int], n: int = 5) -> list[int]:
@@ -138,7 +138,7 @@ def test_release_while_a_request_runs_kills_the_server_unless_retracted(doubles)
 def test_update_sessions_and_flush_are_refused_with_sglangs_messages(doubles):
     (d,) = doubles(1, generate_delay_s=1.0)
     http = SGLangHTTP(d.url)
-    payload = {"serialized_named_tensors": [serialize_named_tensors(_buckets(1.0)[0])]}
+    payload = {"serialized_named_tensors": [serialize_named_tensors(sum(_buckets(1.0), []))]}
     with pytest.raises(SGLangError, match="HTTP 400.*must run between begin_weight_update"):
         http.post("/update_weights_from_tensor", payload)
     with pytest.raises(SGLangError, match="no weight-update session is open"):
@@ -247,6 +247,10 @@ def test_rl_steps_make_only_legal_calls(doubles, tmp_path, placement, transport)
         assert d.calls.count("/begin_weight_update") == d.calls.count("/end_weight_update") == (
             3 if transport != "disk" else 0)
         assert d.session is None and d.weight_version == "2"
+        # Each of the 3 syncs flushes a resident prefix cache once, with its last load; a released
+        # one was flushed by its release. Never /flush_cache, which also empties the allocator (a
+        # full gc.collect of the scheduler on a CPU server: 0.55-0.72 s per sync on the tiny job).
+        assert d.flushes == ([] if placement == "colocated" else ["update"] * 3)
 
 
 def test_a_server_restarted_unseen_between_phases_is_tracked_again(doubles, tmp_path, caplog):
