@@ -166,12 +166,17 @@ class Efficiency:
 # replaces the ones its runs exercise (timings.jsonl's calls of different sizes separate per-call
 # latency from per-FLOP cost). Latencies: a layer's forward is ~10 dispatched ops of ~20 us; a
 # micro-batch adds ~1 ms of Python (batch assembly, schedule, loss). A TP=1 run cannot show the
-# collectives: their per-call latency is measured with CPU_LINK above (all-reduce 0.17 ms; an
-# all-gather of 16-360 KB per rank, the tiny model's weight shards in the sync, 0.25-0.8 ms: 0.4 ms
-# taken), and the link's efficiency is 1 (measured as achieved, not as a peak).
+# collectives: their per-call latency is measured with CPU_LINK above, by
+# tools/bench_cpu_collectives.py. A TP all-reduce sits in a stream of compute, and there it adds
+# 1.31-1.62 ms per call at a tiny-job micro-batch's activations (259 KB; 3 runs, median 1.45 ms),
+# where the same call after a barrier takes 0.1-0.2 ms at 4 B: each rank also waits out the other's
+# jitter. Less this size's link term (2 x 130 KB over CPU_LINK, 0.4 ms): 1.05 ms; 1 ms taken. (With
+# the barriered 0.17 ms, a TP=2 run's forward and backward came out 36-48% short.) An all-gather of
+# 16-360 KB per rank, the tiny model's weight shards in the sync, 0.25-0.8 ms: 0.4 ms taken. The
+# link's efficiency is 1 (measured as achieved, not as a peak).
 CPU_EFFICIENCY = Efficiency(train_mfu=0.3, forward_mfu=0.3, prefill_mfu=0.3, decode_mfu=0.3, decode_bandwidth=0.5,
                             layer_latency_s=2e-4, microbatch_latency_s=1e-3, decode_step_latency_s=1e-3,
-                            collective_latency_s=1.7e-4, gather_latency_s=4e-4, nvlink=1.0, nic=1.0,
+                            collective_latency_s=1e-3, gather_latency_s=4e-4, nvlink=1.0, nic=1.0,
                             sync_latency_s=1e-3, optimizer_step_s=0.02)
 
 
