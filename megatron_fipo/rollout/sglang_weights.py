@@ -99,7 +99,9 @@ class WeightTransport(Protocol):
 
 
 def _with_last(buckets: Iterable[Bucket]) -> Iterator[tuple[Bucket, bool]]:
-    """Each bucket, and whether it is the last (the buckets are produced as they are read)."""
+    """Each bucket, and whether it is the last (the buckets are produced as they are read). Two are
+    alive while one is loaded, as many as while the next one was built before; a caller that drops
+    its bucket before asking for the next (``del``) keeps it at that."""
     it = iter(buckets)
     current = next(it, None)
     while current is not None:
@@ -139,6 +141,7 @@ class TensorTransport:
                     "serialized_named_tensors": [serialize_named_tensors(bucket) for _ in range(s.cfg.tp_size)],
                     "flush_cache": _flushes(s, last),
                 }))
+                del bucket  # before the next is built (_with_last)
 
     def server_restarted(self, server: SGLangServer) -> None:
         pass  # nothing persists between pushes
@@ -246,6 +249,7 @@ class DistributedTransport:
                 for _, tensor in bucket:
                     dist.broadcast(tensor.contiguous(), src=0, group=self.group)
                 _raise_failed("update_weights_from_distributed", [c.result() for c in calls])
+                del bucket  # before the next is built (_with_last)
         set_version(servers, version)
 
 

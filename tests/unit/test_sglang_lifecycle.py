@@ -393,3 +393,27 @@ def test_a_server_that_dies_between_the_check_and_its_release_is_recovered_into_
     engine.update_weights(_buckets(2.0), version=1)
     _generation(engine, 2.0, 1)
     assert [d.crash for d in servers] == [None, None]
+
+
+def test_a_sync_holds_no_more_buckets_than_before_it_flagged_the_last(doubles, tmp_path):
+    """The transport looks one bucket ahead to flag the last load (the one that flushes): at most two
+    buckets are alive at once, as when the next was built while the previous was still held."""
+    import gc
+    import weakref
+
+    alive, peak = set(), [0]
+
+    def buckets():
+        for i in range(5):
+            tensor = torch.full((3,), float(i))
+            alive.add(id(tensor))
+            weakref.finalize(tensor, alive.discard, id(tensor))
+            gc.collect()
+            peak[0] = max(peak[0], len(alive))
+            yield [("lm_head.weight", tensor)]
+
+    servers = doubles(1)
+    engine = _engine(servers, tmp_path, "disaggregated", "tensor")
+    engine.update_weights(buckets(), version=0)
+    assert peak[0] == 2 and servers[0].flushes == ["update"]
+    assert torch.equal(servers[0].weights["lm_head.weight"], torch.full((3,), 4.0))
