@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -40,6 +42,7 @@ def cmd_train(args) -> int:
     data = _prepare(cfg)
     from megatron_fipo.loop import train
 
+    _raise_swallowed_interrupt()
     summary = train(cfg, data)
     if summary:
         gain = 100 * (summary["eval_accuracy_end"] - summary["eval_accuracy_start"])
@@ -74,6 +77,8 @@ def cmd_eval(args) -> int:
     cfg = _load(args.config, _eval_defaults(args.config, args.overrides))
     data = _prepare(cfg)
     from megatron_fipo.loop import evaluate
+
+    _raise_swallowed_interrupt()
 
     summary = evaluate(cfg, data)
     if summary:
@@ -179,6 +184,28 @@ def cmd_plan(args) -> int:
     return 0
 
 
+_interrupted = False
+
+
+def _note_interrupts() -> None:
+    """Ctrl-C before train's own stop handler raises KeyboardInterrupt, as Python's does, and is noted:
+    Megatron-Core wraps its optional imports in bare ``except:``, which swallows a KeyboardInterrupt
+    raised inside them, and the run would go on to the end (seen once in CI)."""
+    def handle(signum, frame):
+        global _interrupted
+        _interrupted = True
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        signal.signal(signal.SIGINT, handle)
+
+
+def _raise_swallowed_interrupt() -> None:
+    """After the heavy imports: a Ctrl-C that one of them swallowed ends the command now."""
+    if _interrupted:
+        raise KeyboardInterrupt
+
+
 def _quiet_libraries() -> None:
     """Our own progress at INFO; libraries' per-step deprecation chatter off the console."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -195,6 +222,7 @@ def _cmd_compare(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _note_interrupts()
     _quiet_libraries()
     parser = argparse.ArgumentParser(prog="megatron-fipo", description=__doc__)
     parser.add_argument("--version", action="version", version=f"megatron-fipo {__version__}")
