@@ -74,7 +74,7 @@ class SGLangDouble:
         self.port = 0
         self.calls: list[str] = []  # every path served, in order, across restarts
         self.memory_calls: list[tuple[str, list[str]]] = []  # (release/resume, tags named)
-        self.flushes: list[str] = []  # what flushed the prefix cache: a path, with "empty_cache" when it also emptied
+        self.flushes: list[str] = []  # each prefix-cache flush: "update" (inside a load call) or "flush_cache+empty_cache"
         self.restarts = 0
         # Called with each path after its answer went out: a test's hook to kill or restart the double.
         self.after_call: Callable[[str], None] = lambda path: None

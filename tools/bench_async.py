@@ -101,7 +101,7 @@ def main() -> None:
         print(f"{i + 1:>3} {k:>13} {r['steps_per_hour']:8.1f} {r['rollout_s']:9.2f} {r['train_s']:8.2f} {r['sync_s']:7.2f} "
               f"{r['wait_s']:7.2f} {r['hold_s']:7.2f} {r['staleness']:9.2f} "
               f"{100 * r['acc_start']:9.1f}% -> {100 * r['acc_end']:5.1f}% ({100 * (r['acc_end'] - r['acc_start']):+.1f})")
-    mean = {k: sum(r["steps_per_hour"] for j, r in results if j == k) / order.count(k) for k in (0, 1)}
+    mean = {k: sum(r["steps_per_hour"] for staleness, r in results if staleness == k) / order.count(k) for k in (0, 1)}
     print(f"steps per hour, max_staleness 1 / 0: {mean[1] / mean[0]:.2f}x"
           + (" (means over the two runs of each)" if args.rounds == 2 else ""))
 
